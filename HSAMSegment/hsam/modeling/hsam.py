@@ -1,0 +1,94 @@
+"""H-SAM: SAM's image encoder with LoRA, prompt-free, decoded in two hierarchical stages."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from torch import Tensor, nn
+
+from .hierarchical_decoder import HierarchicalDecoder
+from .lora import LoRAQKV, add_lora
+from .mask_decoder import MaskDecoder
+from .prompt import PromptFreeEncoder
+
+
+@dataclass
+class HSAMOutput:
+    """stage1_logits: (B, K, S/4, S/4); stage2_logits and masks: (B, K, S, S); K = classes + background.
+
+    ``masks`` is the mean of both stages' full-resolution logits, the authors' default prediction.
+    """
+
+    stage1_logits: Tensor
+    stage2_logits: Tensor
+    masks: Tensor
+
+
+class HSAM(nn.Module):
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptFreeEncoder,
+        mask_decoder: MaskDecoder,
+        hierarchical_decoder: HierarchicalDecoder,
+        lora_rank: int = 5,
+        embedding_noise: float = 0.2,
+    ) -> None:
+        """embedding_noise: in training, stage 2 sees the image embedding plus Gaussian noise of std
+        ``embedding_noise`` × (max − min of the batch's embeddings), as the authors' code."""
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.hierarchical_decoder = hierarchical_decoder
+        self.lora_rank = lora_rank
+        self.embedding_noise = embedding_noise
+        add_lora(self.image_encoder, lora_rank)
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.mask_decoder.num_mask_tokens - 1
+
+    @property
+    def cmattn_mode(self) -> str:
+        return self.hierarchical_decoder.cmattn.mode
+
+    def lora_adapters(self) -> list[LoRAQKV]:
+        return [block.attn.qkv for block in self.image_encoder.blocks]
+
+    def merge_lora(self) -> None:
+        """Fold LoRA into the frozen qkv weights: faster inference, same function up to rounding."""
+        for adapter in self.lora_adapters():
+            adapter.merge()
+
+    def unmerge_lora(self) -> None:
+        for adapter in self.lora_adapters():
+            adapter.unmerge()
+
+    def forward(self, images: Tensor, labels: Optional[Tensor] = None) -> HSAMOutput:
+        """images: (B, 3, S, S) float in [0, 1] (a slice repeated to 3 channels, no mean/std);
+        labels: (B, S, S) class indices, used only in training by the ``paper`` CMAttn."""
+        b, _, s, _ = images.shape
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected images of size {self.img_size}, got {tuple(images.shape[-2:])}")
+        embeddings = self.image_encoder(images)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        dense = self.prompt_encoder.dense_embeddings(b)
+
+        stage1 = self.mask_decoder(embeddings, image_pe, dense)
+        prior_logits = F.interpolate(stage1.logits, size=embeddings.shape[-2:], mode="bilinear", align_corners=False)
+        prior = torch.softmax(prior_logits, dim=1).flatten(2)
+
+        if self.training and self.embedding_noise > 0:
+            value_range = (embeddings.max() - embeddings.min()).detach()
+            embeddings = embeddings + torch.randn_like(embeddings) * self.embedding_noise * value_range
+        stage2_logits = self.hierarchical_decoder(embeddings, image_pe, dense, prior, stage1, labels)
+
+        stage1_full = F.interpolate(stage1.logits, size=(s, s), mode="bilinear", align_corners=False)
+        return HSAMOutput(stage1.logits, stage2_logits, (stage1_full + stage2_logits) / 2)
