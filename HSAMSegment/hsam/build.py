@@ -2,6 +2,7 @@
 
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Union
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
@@ -42,7 +43,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def build_hsam(
-    preset: str = "vit_b",
+    preset: Union[str, Preset] = "vit_b",
     num_classes: int = 8,
     img_size: int = 512,
     cmattn: str = "reference",
@@ -51,15 +52,16 @@ def build_hsam(
 ) -> HSAM:
     """Build an H-SAM with randomly initialised weights (load SAM or HSAM weights afterwards).
 
-    img_size: input side S; 224 and 512 as the authors build them, 256 and 1024 (SAM's native size) too.
+    preset: a name of PRESETS or a custom Preset; img_size: input side S, 224 and 512 as the authors
+    build them, 256 and 1024 (SAM's native size) too.
     """
-    if preset not in PRESETS:
+    if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if img_size not in SUPPORTED_IMG_SIZES:
         raise ValueError(f"img_size must be one of {SUPPORTED_IMG_SIZES}, got {img_size}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    p = PRESETS[preset]
+    p = PRESETS[preset] if isinstance(preset, str) else preset
     grid = img_size // PATCH_SIZE
     image_encoder = ImageEncoderViT(
         img_size=img_size,
