@@ -96,6 +96,8 @@ def _resize_grid_embeddings(state: dict[str, torch.Tensor], preset: Preset, grid
     for i in preset.encoder_global_attn_indexes:
         for axis in ("h", "w"):
             key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+            if key not in state:
+                continue  # not this preset's checkpoint: reported by the shape check
             rel = state[key][None, None]
             state[key] = F.interpolate(rel, (2 * grid - 1, rel.shape[-1]), mode="bilinear", align_corners=False)[0, 0]
 
