@@ -159,3 +159,22 @@ def test_training_lowers_loss_and_raises_dice() -> None:
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert dice() > max(0.6, dice_before + 0.3)
+
+
+def test_sdpa_encoder_attention_equals_segment_anything() -> None:
+    """Our fused attention computes segment-anything's function with the same parameters."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=2, use_rel_pos=True, input_size=(14, 14))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, 14, 14, 64)
+    expected = attn(x)
+    from hsam.modeling.encoder_attention import RelPosSDPAttention
+
+    attn.__class__ = RelPosSDPAttention
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+    model = build_hsam("tiny", 2, 224)
+    assert all(isinstance(b.attn, RelPosSDPAttention) for b in model.image_encoder.blocks)

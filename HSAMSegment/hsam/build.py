@@ -7,6 +7,7 @@ from typing import Union
 import torch
 from segment_anything.modeling import ImageEncoderViT
 
+from .modeling.encoder_attention import use_sdpa_attention
 from .modeling.hierarchical_decoder import HierarchicalDecoder
 from .modeling.hsam import HSAM
 from .modeling.mask_decoder import MaskDecoder
@@ -77,6 +78,7 @@ def build_hsam(
         window_size=p.window_size,
         global_attn_indexes=p.encoder_global_attn_indexes,
     )
+    use_sdpa_attention(image_encoder)
     prompt_encoder = PromptFreeEncoder(p.decoder_dim, grid, img_size)
     mask_decoder = MaskDecoder(p.decoder_dim, num_classes, p.decoder_heads, p.decoder_mlp_dim)
     hierarchical_decoder = HierarchicalDecoder(
