@@ -172,9 +172,28 @@ def test_sdpa_encoder_attention_equals_segment_anything() -> None:
         attn.rel_pos_w.normal_(0, 0.5)
     x = torch.randn(2, 14, 14, 64)
     expected = attn(x)
-    from hsam.modeling.encoder_attention import RelPosSDPAttention
+    from hsam.modeling.image_encoder import RelPosSDPAttention
 
     attn.__class__ = RelPosSDPAttention
     torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
     model = build_hsam("tiny", 2, 224)
     assert all(isinstance(b.attn, RelPosSDPAttention) for b in model.image_encoder.blocks)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_hsam("tiny", 2, 224).eval()  # eval: no dropout or noise, so both passes are comparable
+    with torch.no_grad():
+        for a in model.lora_adapters():
+            a.b_q.weight.normal_(0, 0.1)
+    x = torch.rand(2, 3, 224, 224)
+    adapter = model.lora_adapters()[0]
+
+    def grad() -> torch.Tensor:
+        model.zero_grad()
+        model(x).masks.square().mean().backward()
+        return adapter.a_q.weight.grad.clone()
+
+    plain = grad()
+    model.image_encoder.gradient_checkpointing = True
+    torch.testing.assert_close(grad(), plain)

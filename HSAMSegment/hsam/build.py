@@ -5,10 +5,9 @@ from functools import partial
 from typing import Union
 
 import torch
-from segment_anything.modeling import ImageEncoderViT
 
-from .modeling.encoder_attention import use_sdpa_attention
 from .modeling.hierarchical_decoder import HierarchicalDecoder
+from .modeling.image_encoder import ImageEncoder
 from .modeling.hsam import HSAM
 from .modeling.mask_decoder import MaskDecoder
 from .modeling.prompt import PromptFreeEncoder
@@ -64,7 +63,7 @@ def build_hsam(
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     grid = img_size // PATCH_SIZE
-    image_encoder = ImageEncoderViT(
+    image_encoder = ImageEncoder(
         img_size=img_size,
         patch_size=PATCH_SIZE,
         embed_dim=p.encoder_embed_dim,
@@ -78,7 +77,6 @@ def build_hsam(
         window_size=p.window_size,
         global_attn_indexes=p.encoder_global_attn_indexes,
     )
-    use_sdpa_attention(image_encoder)
     prompt_encoder = PromptFreeEncoder(p.decoder_dim, grid, img_size)
     mask_decoder = MaskDecoder(p.decoder_dim, num_classes, p.decoder_heads, p.decoder_mlp_dim)
     hierarchical_decoder = HierarchicalDecoder(

@@ -5,10 +5,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT
 from torch import Tensor, nn
 
 from .hierarchical_decoder import HierarchicalDecoder
+from .image_encoder import ImageEncoder
 from .lora import LoRAQKV, add_lora
 from .mask_decoder import MaskDecoder
 from .prompt import PromptFreeEncoder
@@ -29,7 +29,7 @@ class HSAMOutput:
 class HSAM(nn.Module):
     def __init__(
         self,
-        image_encoder: ImageEncoderViT,
+        image_encoder: ImageEncoder,
         prompt_encoder: PromptFreeEncoder,
         mask_decoder: MaskDecoder,
         hierarchical_decoder: HierarchicalDecoder,

@@ -1,4 +1,4 @@
-"""segment-anything's image-encoder attention on ``scaled_dot_product_attention``.
+"""SAM's ViT image encoder with fused attention and optional activation checkpointing.
 
 SAM's encoder materialises the attention matrix, adds the decomposed relative-position terms and
 runs an explicit softmax. Passing those terms to ``F.scaled_dot_product_attention`` as an additive
@@ -7,6 +7,7 @@ bias computes the same function with the same parameters, on fused kernels where
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 
 
@@ -25,7 +26,25 @@ class RelPosSDPAttention(Attention):
         return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
 
 
-def use_sdpa_attention(encoder: ImageEncoderViT) -> None:
-    """Switch every block's attention to :class:`RelPosSDPAttention` in place (same parameters)."""
-    for block in encoder.blocks:
-        block.attn.__class__ = RelPosSDPAttention
+class ImageEncoder(ImageEncoderViT):
+    """segment-anything's ImageEncoderViT (same parameters and names) whose blocks use
+    :class:`RelPosSDPAttention`, with activation checkpointing of the blocks as an option for training
+    (recomputes each block in the backward pass: far less memory for about a third more compute)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gradient_checkpointing = False
+        for block in self.blocks:
+            block.attn.__class__ = RelPosSDPAttention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, S, S) -> (B, out_chans, S/16, S/16)."""
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))
