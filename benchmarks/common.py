@@ -1,0 +1,71 @@
+"""Shared helpers of the benchmark scripts: timing, peak memory, tables, docs/performance.md."""
+
+import json
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+
+def best_of(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Minimum wall time of ``repeats`` calls after ``warmup`` calls (synchronising CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_isolated(script: Path, args: list[str]) -> dict:
+    """Run one configuration in a fresh process (so its peak memory is its own) and return its JSON."""
+    out = subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}"
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def update_docs(section: str, command: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- section -->`` markers in docs/performance.md."""
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{start}\n## {section}\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n{body}\n{end}"
+    text = DOCS.read_text() if DOCS.exists() else "# HSAM performance\n\nFigures written by the scripts in `benchmarks/`.\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text)
