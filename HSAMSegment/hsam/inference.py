@@ -1,0 +1,269 @@
+"""Segment a volume slice by slice with an H-SAM model: device and precision selection, batching with
+out-of-memory back-off, progress and cancellation.
+
+The volume is normalised with the bundle's intensity preprocessing, cut into slices along the
+bundle's slice axis, resized to the network's input and back, and each voxel gets the label value of
+the class with the highest logit (the mean of both decoding stages, the authors' default
+prediction). Memory beyond the output arrays does not grow with the number of slices.
+"""
+
+import contextlib
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, HSAMError, InputError
+from .modeling.hsam import HSAM
+from .preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
+
+Progress = Callable[[float, str], None]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+@dataclass
+class SegmentationResult:
+    """labels: (z, y, x) with the bundle's label values (0 = background); probabilities: (C+1, z, y, x)
+    float16 softmax, channel 0 the background, when requested."""
+
+    labels: np.ndarray
+    probabilities: Optional[np.ndarray] = None
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+def select_device(name: Union[str, torch.device] = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then the CPU. Explicit ``cuda[:i]``, ``mps``, ``cpu`` must exist."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {name!r}; choose auto, cpu, cuda or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"no CUDA GPU is available to this PyTorch {torch.__version__}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"there is no GPU {device.index} (this machine has {torch.cuda.device_count()})")
+    elif device.type == "mps":
+        if not _mps_available():
+            raise InputError("Apple MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported device {name!r}; choose auto, cpu, cuda or mps")
+    return device
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
+    checks = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+        getattr(torch.cpu, "_is_amx_tile_supported", None),
+    )
+    if any(check is not None and check() for check in checks):
+        return True
+    return platform.machine().lower() in ("arm64", "aarch64") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def describe_device(device: Union[str, torch.device]) -> str:
+    """One line for users: the GPU's name and memory, or the CPU and its thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return f"CUDA GPU {index}: {props.name}, {props.total_memory / 2**30:.1f} GiB"
+    if device.type == "mps":
+        return f"Apple GPU (MPS), {platform.machine()}"
+    processor = platform.processor() or platform.machine()
+    bf16 = ", bfloat16" if cpu_supports_bf16() else ""
+    return f"CPU: {processor}, {os.cpu_count()} cores, {torch.get_num_threads()} PyTorch threads{bf16}"
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``precision`` on ``device``; None for float32.
+
+    ``auto``: bfloat16 on CUDA GPUs that support it, else float16; bfloat16 on CPUs with native
+    bfloat16; float32 otherwise (Apple MPS included)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
+        return None
+    return AUTOCAST_DTYPES.get(precision)
+
+
+# ---------------------------------------------------------------------------------- inference
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and the CPU/MPS allocators' out-of-memory RuntimeErrors."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in OUT_OF_MEMORY_MESSAGES)
+
+
+def _check_volume(array: np.ndarray) -> None:
+    if array.ndim != 3:
+        raise InputError(f"expected a 3D volume, got an array of {array.ndim} dimensions {array.shape}")
+    if min(array.shape) < 1:
+        raise InputError(f"the volume is empty {array.shape}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError("the volume holds NaN or infinite voxels")
+
+
+def _check_model(model: HSAM, metadata) -> None:
+    if model.num_classes != metadata.num_classes or model.img_size != metadata.img_size:
+        raise InputError(
+            f"the model ({model.num_classes} classes, {model.img_size}px) does not match its metadata "
+            f"({metadata.num_classes} classes, {metadata.img_size}px)"
+        )
+
+
+def _slice_bounds(slice_range: Optional[tuple[int, int]], depth: int) -> tuple[int, int]:
+    """[start, stop) from an inclusive (first, last) range."""
+    if slice_range is None:
+        return 0, depth
+    first, last = (int(i) for i in slice_range)
+    if not 0 <= first <= last < depth:
+        raise InputError(f"slice range {first}–{last} is not within 0–{depth - 1}")
+    return first, last + 1
+
+
+def _label_dtype(label_values: list[int]) -> np.dtype:
+    largest = max(label_values, default=0)
+    if min(label_values, default=0) < 1 or largest >= 2**32:
+        raise InputError("label values must be between 1 and 2^32 − 1")
+    return np.dtype(np.uint8 if largest < 2**8 else np.uint16 if largest < 2**16 else np.uint32)
+
+
+def _forward(model: HSAM, slices: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """slices: (B, H, W) in [0, 1] on the model's device -> float32 logits (B, C+1, H, W)."""
+    images = slices_to_model_input(slices, model.img_size)
+    device_type = slices.device.type
+    autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with autocast:
+        masks = model(images).masks
+    return logits_to_grid(masks.float(), tuple(slices.shape[-2:]))
+
+
+def keep_largest_components(labels: np.ndarray, label_values: list[int], cancel=None) -> None:
+    """In place: keep only the largest 3D connected component (face-connected) of each label value."""
+    import SimpleITK as sitk
+
+    for value in label_values:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("segmentation cancelled")
+        mask = labels == value
+        if not mask.any():
+            continue
+        components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8))))
+        largest = sitk.GetArrayViewFromImage(components) == 1
+        labels[mask & ~largest] = 0
+
+
+def segment_volume(
+    model: HSAM,
+    volume,
+    metadata,
+    *,
+    device: Union[str, torch.device] = "auto",
+    batch_size: int = 4,
+    precision: str = "auto",
+    slice_range: Optional[tuple[int, int]] = None,
+    progress: Optional[Progress] = None,
+    cancel: Optional[threading.Event] = None,
+    return_probabilities: bool = False,
+    largest_component: bool = False,
+) -> SegmentationResult:
+    """Segment ``volume`` (an ``hsam.io.Volume``) with ``model`` and its ``BundleMetadata``.
+
+    The model is moved to ``device`` and put in eval mode (its previous mode is restored).
+    ``slice_range``: (first, last) slice indices along the bundle's slice axis, both included; the
+    other slices are left background. Batches that run out of memory are retried at half the size.
+    ``progress(fraction, message)`` is called after every batch; ``cancel.is_set()`` is checked before
+    each one and raises ``Cancelled``. ``largest_component`` keeps each label's largest 3D
+    connected component (probabilities are left as predicted).
+    """
+    array = np.asarray(volume.array)
+    _check_volume(array)
+    _check_model(model, metadata)
+    if batch_size < 1:
+        raise InputError(f"the batch size must be at least 1, got {batch_size}")
+    if metadata.slice_axis not in SLICE_AXES:
+        raise InputError(f"unknown slice axis {metadata.slice_axis!r} in the model's metadata")
+    torch_device = select_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
+    axis = SLICE_AXES[metadata.slice_axis]
+    start, stop = _slice_bounds(slice_range, array.shape[axis])
+    report = progress or (lambda fraction, message: None)
+
+    lookup = np.array([0, *metadata.label_values], dtype=_label_dtype(metadata.label_values))
+    labels = np.zeros(array.shape, dtype=lookup.dtype)
+    labels_slices = np.moveaxis(labels, axis, 0)
+    probabilities = probabilities_slices = None
+    if return_probabilities:
+        probabilities = np.zeros((metadata.num_classes + 1, *array.shape), dtype=np.float16)
+        probabilities[0] = 1.0  # slices outside the range are background
+        probabilities_slices = np.moveaxis(probabilities, axis + 1, 1)
+    image_slices = np.moveaxis(IntensityPreprocessing.from_dict(metadata.preprocessing).apply(array), axis, 0)
+
+    was_training = model.training
+    model.to(torch_device).eval()
+    try:
+        with torch.inference_mode():
+            index, batch = start, batch_size
+            while index < stop:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("segmentation cancelled")
+                end = min(index + batch, stop)
+                slices = torch.from_numpy(np.ascontiguousarray(image_slices[index:end], dtype=np.float32))
+                try:
+                    logits = _forward(model, slices.to(torch_device), autocast_dtype)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    logits = None
+                if logits is None:  # retried outside the handler so that the failed batch's memory is freed
+                    if batch == 1:
+                        raise HSAMError(
+                            f"out of memory on {torch_device} with a single slice: use --device cpu, "
+                            "a smaller volume, or a model with a smaller input size"
+                        )
+                    batch //= 2
+                    if torch_device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                classes = logits.argmax(dim=1).to(torch.uint8 if metadata.num_classes < 255 else torch.int32)
+                labels_slices[index:end] = lookup[classes.cpu().numpy()]
+                if probabilities_slices is not None:
+                    probs = torch.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
+                    probabilities_slices[:, index:end] = probs.transpose(1, 0, 2, 3)
+                done = end - start
+                report(done / (stop - start), f"slice {done}/{stop - start} (batch {batch})")
+                index = end
+    finally:
+        model.train(was_training)
+
+    if largest_component:
+        keep_largest_components(labels, metadata.label_values, cancel)
+    return SegmentationResult(labels, probabilities)

@@ -1,0 +1,505 @@
+"""Volume and segmentation files, read and written with SimpleITK so that geometry is kept exactly.
+
+Arrays are indexed ``(z, y, x)``; spacing and origin are ``(x, y, z)`` in mm and direction is a
+row-major 3×3 tuple, all in SimpleITK's LPS convention. Readers raise ``InputError`` with one line
+for anything HSAM cannot use; writers check the destination first and replace it atomically (a
+temporary file in the same folder, then ``os.replace``), so a failed write leaves nothing behind.
+
+Supported: NRRD, NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``, ``.mhd`` for reading), a DICOM
+series folder, and 3D Slicer's ``.seg.nrrd`` segmentation files (single- and multi-layer).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+PathLike = Union[str, os.PathLike]
+
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+LABELMAP_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+GEOMETRY_TOLERANCE = 1e-4
+
+# Colours given to segments that come without one (cycled by label value).
+DEFAULT_COLORS = (
+    (0.86, 0.32, 0.26),
+    (0.33, 0.66, 0.41),
+    (0.27, 0.49, 0.80),
+    (0.95, 0.77, 0.25),
+    (0.62, 0.38, 0.74),
+    (0.26, 0.74, 0.78),
+    (0.93, 0.53, 0.18),
+    (0.78, 0.44, 0.60),
+    (0.55, 0.71, 0.24),
+    (0.60, 0.48, 0.36),
+)
+
+# RAS = diag(-1, -1, 1) · LPS: used for the IJK→RAS matrix Slicer keeps as the reference geometry.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D scalar image: voxels ``array`` (z, y, x) and its LPS geometry.
+
+    ``spacing`` and ``origin`` are ``(x, y, z)`` in mm; ``direction`` is the row-major 3×3 matrix
+    whose columns are the x, y, z index axes in LPS.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Volume":
+        """The voxels and geometry of a 3D scalar SimpleITK image."""
+        return cls(
+            sitk.GetArrayFromImage(image),
+            tuple(float(s) for s in image.GetSpacing()),
+            tuple(float(o) for o in image.GetOrigin()),
+            tuple(float(d) for d in image.GetDirection()),
+        )
+
+    def to_sitk(self, array: Optional[np.ndarray] = None) -> sitk.Image:
+        """A SimpleITK image with this geometry holding ``array`` (default: this volume's voxels)."""
+        voxels = self.array if array is None else np.asarray(array)
+        if voxels.shape != self.array.shape:
+            raise InputError(f"array of shape {voxels.shape} does not fit a volume of shape {self.array.shape}")
+        if voxels.dtype == bool:
+            voxels = voxels.astype(np.uint8)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
+        _set_geometry(image, self)
+        return image
+
+    def geometry_difference(self, other: "Volume", tol: float = GEOMETRY_TOLERANCE) -> Optional[str]:
+        """How ``other``'s grid differs from this one ("size …; spacing …"), or None if it is the same.
+
+        Spacing and origin are compared in mm with tolerance ``tol``, direction cosines with ``tol``.
+        """
+        differences = []
+        if other.array.shape[:3] != self.array.shape[:3]:
+            differences.append(f"size {_xyz(other.array.shape)} vs {_xyz(self.array.shape)} voxels")
+        for name in ("spacing", "origin", "direction"):
+            mine, theirs = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            if not np.allclose(mine, theirs, rtol=0.0, atol=tol):
+                differences.append(f"{name} {_fmt(theirs)} vs {_fmt(mine)}")
+        return "; ".join(differences) or None
+
+    def same_geometry(self, other: "Volume", tol: float = GEOMETRY_TOLERANCE) -> bool:
+        """Whether ``other`` lies on the same voxel grid (size, spacing, origin, direction)."""
+        return self.geometry_difference(other, tol) is None
+
+    @property
+    def index_to_physical(self) -> np.ndarray:
+        """4×4 matrix from (i, j, k) = (x, y, z) voxel index to LPS mm."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.asarray(self.direction).reshape(3, 3) * np.asarray(self.spacing)
+        matrix[:3, 3] = self.origin
+        return matrix
+
+
+@dataclass
+class Segment:
+    """One class of a segmentation.
+
+    ``terminology`` is a 3D Slicer terminology entry string, e.g. ``"Segmentation category and type -
+    3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~~^^~^^"``.
+    """
+
+    name: str
+    label_value: int
+    color: tuple[float, float, float] = field(default=(0.5, 0.5, 0.5))
+    terminology: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.label_value = int(self.label_value)
+        if self.label_value < 1:
+            raise InputError(f"segment '{self.name}' has label value {self.label_value}; label values start at 1")
+        self.color = tuple(float(c) for c in self.color)
+        if len(self.color) != 3 or not all(0.0 <= c <= 1.0 for c in self.color):
+            raise InputError(f"segment '{self.name}' colour {self.color} is not three numbers in 0–1")
+
+
+def default_segment(label_value: int) -> Segment:
+    """``Label_<v>`` with a colour from ``DEFAULT_COLORS``."""
+    return Segment(f"Label_{label_value}", label_value, DEFAULT_COLORS[(label_value - 1) % len(DEFAULT_COLORS)])
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def read_volume(path: PathLike) -> Volume:
+    """Read a 3D scalar volume: NRRD, NIfTI, MetaImage, or a folder holding a DICOM series.
+
+    Floating-point images come back as float32, integer images keep their own dtype (e.g. int16
+    for CT). A folder with several DICOM series gives the one with the most files.
+    """
+    path = Path(path)
+    image = _read_dicom_series(path) if path.is_dir() else _read_image(path)
+    _check_scalar_3d(image, path.name)
+    volume = Volume.from_sitk(image)
+    if np.issubdtype(volume.array.dtype, np.floating):
+        volume.array = volume.array.astype(np.float32, copy=False)
+        bad = np.count_nonzero(~np.isfinite(volume.array))
+        if bad:
+            raise InputError(f"{path.name} has {bad} NaN or infinite voxels")
+    elif volume.array.dtype == bool:
+        volume.array = volume.array.astype(np.uint8)
+    return volume
+
+
+def read_labelmap(
+    path: PathLike, reference: Optional[Volume] = None, resample: bool = True
+) -> tuple[np.ndarray, list[Segment]]:
+    """Read a labelmap or a 3D Slicer ``.seg.nrrd``: (labels (z, y, x), segments).
+
+    A ``.seg.nrrd`` gives its segments' names, colours, label values and terminology; its layers
+    are merged into one array, later layers over earlier ones (if two segments share a label value
+    in different layers, all segments are renumbered 1…N in file order). A plain labelmap gives one
+    ``Label_<v>`` segment per non-zero value. The labels come back as the smallest unsigned dtype.
+
+    With ``reference``, the labels are placed on its grid: a labelmap on the same voxel lattice
+    (e.g. a cropped ``.seg.nrrd``) is pasted exactly; any other geometry is resampled with nearest
+    neighbour if ``resample``, else rejected with an ``InputError`` naming the difference.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path.name} is a folder; a labelmap must be a single file")
+    image = _read_image(path)
+    if path.name.lower().endswith(SEGMENTATION_SUFFIX):
+        labels, segments = _merge_segmentation_layers(image, path.name)
+    else:
+        _check_scalar_3d(image, path.name)
+        labels = _integer_labels(sitk.GetArrayFromImage(image), path.name)
+        segments = [default_segment(int(v)) for v in np.unique(labels) if v != 0]
+    if reference is not None:
+        labels = _place_on_grid(labels, image, reference, resample, path.name)
+    return labels, segments
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise InputError(f"file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InputError(f"cannot read {path.name}: {_itk_reason(error)}") from None
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"no DICOM series found in folder {folder}")
+    files = max(
+        (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id) for series_id in series), key=len
+    )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot read the DICOM series in {folder.name}: {_itk_reason(error)}") from None
+
+
+def _check_scalar_3d(image: sitk.Image, name: str) -> None:
+    dimension = image.GetDimension()
+    if dimension == 2:
+        raise InputError(f"{name} is a 2D image; HSAM needs a 3D volume")
+    if dimension != 3:
+        raise InputError(f"{name} is a {dimension}D image; HSAM needs a 3D volume (split time series first)")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InputError(f"{name} has {components} components per voxel (vector/colour image); HSAM needs one")
+
+
+def _integer_labels(array: np.ndarray, name: str) -> np.ndarray:
+    """Labels as the smallest unsigned integer dtype; floats must hold whole numbers."""
+    if array.size == 0:
+        raise InputError(f"{name} is empty")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
+            raise InputError(f"{name} holds non-integer values; a labelmap must hold whole numbers")
+    elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise InputError(f"{name} has voxel type {array.dtype}; a labelmap must hold integers")
+    low, high = array.min(), array.max()
+    if low < 0:
+        raise InputError(f"{name} holds negative label values (minimum {low})")
+    return array.astype(_label_dtype(int(high)), copy=False)
+
+
+def _label_dtype(largest: int) -> np.dtype:
+    if largest >= 2**32:
+        raise InputError(f"label value {largest} is too large (at most 2^32 − 1)")
+    return np.dtype(np.uint8 if largest < 2**8 else np.uint16 if largest < 2**16 else np.uint32)
+
+
+def _merge_segmentation_layers(image: sitk.Image, name: str) -> tuple[np.ndarray, list[Segment]]:
+    """One label array from a ``.seg.nrrd`` image (3D, or layers as vector components)."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{name} is a {image.GetDimension()}D image; a segmentation must be 3D")
+    array = sitk.GetArrayFromImage(image)
+    layers = array[..., None] if array.ndim == 3 else array  # (z, y, x, layer)
+    fields = _segment_fields(image)
+    if not fields:
+        raise InputError(f"{name} has no Segment metadata; is it a 3D Slicer segmentation?")
+    old_format = "LabelValue" not in fields[0]  # before Slicer 4.11: one layer of 0/1 per segment
+    entries = []
+    for index, values in enumerate(fields):
+        layer = int(values.get("Layer", index if old_format else 0))
+        label_value = int(values.get("LabelValue", 1 if old_format else index + 1))
+        if not 0 <= layer < layers.shape[-1]:
+            raise InputError(f"{name}: segment {index} is in layer {layer} but the file has {layers.shape[-1]}")
+        color = [float(c) for c in values.get("Color", "").split()] or DEFAULT_COLORS[index % len(DEFAULT_COLORS)]
+        color = tuple(min(max(c, 0.0), 1.0) for c in color)
+        entries.append((layer, label_value, values.get("Name", f"Segment_{index + 1}"), color, _terminology(values)))
+    renumber = len({value for _, value, *_ in entries}) < len(entries)
+    segments = [
+        Segment(seg_name, index + 1 if renumber else value, color, terminology)
+        for index, (_, value, seg_name, color, terminology) in enumerate(entries)
+    ]
+    labels = np.zeros(layers.shape[:3], dtype=_label_dtype(max(s.label_value for s in segments)))
+    for (layer, value, *_), segment in sorted(zip(entries, segments), key=lambda pair: pair[0][0]):
+        labels[layers[..., layer] == value] = segment.label_value
+    return labels, segments
+
+
+def _segment_fields(image: sitk.Image) -> list[dict[str, str]]:
+    """``Segment<i>_<Key>`` metadata as one dict per segment, in index order."""
+    by_index: dict[int, dict[str, str]] = {}
+    for key in image.GetMetaDataKeys():
+        head, _, field_name = key.partition("_")
+        if head.startswith("Segment") and head[7:].isdigit() and field_name:
+            by_index.setdefault(int(head[7:]), {})[field_name] = image.GetMetaData(key)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def _terminology(values: dict[str, str]) -> Optional[str]:
+    for tag in values.get("Tags", "").split("|"):
+        key, _, value = tag.strip().partition(":")
+        if key == "TerminologyEntry" and value:
+            return value
+    return None
+
+
+def _place_on_grid(
+    labels: np.ndarray, image: sitk.Image, reference: Volume, resample: bool, name: str
+) -> np.ndarray:
+    """``labels`` (on ``image``'s grid) moved onto ``reference``'s grid."""
+    source = Volume(
+        labels,
+        tuple(float(s) for s in image.GetSpacing()),
+        tuple(float(o) for o in image.GetOrigin()),
+        tuple(float(d) for d in image.GetDirection()),
+    )
+    difference = reference.geometry_difference(source)
+    if difference is None:
+        return labels
+    offset = _lattice_offset(source, reference)
+    if offset is not None:
+        return _paste(labels, offset, reference.array.shape)
+    if not resample:
+        raise InputError(f"{name} is not on the volume's grid ({difference}); resample it first")
+    source_image = source.to_sitk()
+    resampled = sitk.Resample(
+        source_image, reference.to_sitk(np.zeros(reference.array.shape, np.uint8)),
+        sitk.Transform(), sitk.sitkNearestNeighbor, 0, source_image.GetPixelID(),
+    )
+    return sitk.GetArrayFromImage(resampled)
+
+
+def _lattice_offset(source: Volume, reference: Volume, tol: float = GEOMETRY_TOLERANCE) -> Optional[np.ndarray]:
+    """(z, y, x) index of ``source``'s first voxel in ``reference`` if both share one voxel lattice."""
+    if not (
+        np.allclose(source.spacing, reference.spacing, rtol=0.0, atol=tol)
+        and np.allclose(source.direction, reference.direction, rtol=0.0, atol=tol)
+    ):
+        return None
+    index = np.linalg.solve(reference.index_to_physical, [*source.origin, 1.0])[:3]
+    if not np.allclose(index, np.round(index), rtol=0.0, atol=1e-3):
+        return None
+    return np.round(index[::-1]).astype(int)
+
+
+def _paste(labels: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``labels`` written at ``offset`` into zeros of ``shape``, cropped where it sticks out."""
+    out = np.zeros(shape, dtype=labels.dtype)
+    start = np.maximum(offset, 0)
+    stop = np.minimum(offset + np.asarray(labels.shape), shape)
+    if np.any(stop <= start):
+        return out
+    target = tuple(slice(a, b) for a, b in zip(start, stop))
+    source = tuple(slice(a - o, b - o) for a, b, o in zip(start, stop, offset))
+    out[target] = labels[source]
+    return out
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def write_volume(path: PathLike, volume: Volume, overwrite: bool = False) -> None:
+    """Write ``volume`` (its own dtype, compressed) to ``.nrrd``, ``.nii``, ``.nii.gz`` or ``.mha``."""
+    path = Path(path)
+    _check_suffix(path, VOLUME_SUFFIXES, "volume")
+    image = volume.to_sitk()
+    _write_atomic(path, overwrite, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+
+
+def write_labelmap(path: PathLike, labels: np.ndarray, reference: Volume, overwrite: bool = False) -> None:
+    """Write ``labels`` (z, y, x) on ``reference``'s grid, compressed: uint8 if the largest value is
+    below 256, else uint16 (uint32 beyond 65535). Formats: ``.nrrd``, ``.nii``, ``.nii.gz``, ``.mha``."""
+    path = Path(path)
+    _check_suffix(path, LABELMAP_SUFFIXES, "labelmap")
+    image = reference.to_sitk(_labels_for_writing(labels, reference))
+    _write_atomic(path, overwrite, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+
+
+def write_segmentation(
+    path: PathLike, labels: np.ndarray, reference: Volume, segments: Sequence[Segment], overwrite: bool = False
+) -> None:
+    """Write a single-layer 3D Slicer ``.seg.nrrd`` on ``reference``'s grid.
+
+    Each segment keeps its name, colour, label value and terminology. Non-zero values of ``labels``
+    that no segment describes get a default ``Label_<v>`` segment.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(SEGMENTATION_SUFFIX):
+        raise InputError(f"{path.name}: a segmentation file must end with {SEGMENTATION_SUFFIX}")
+    array = _labels_for_writing(labels, reference)
+    segments = list(segments)
+    values = [s.label_value for s in segments]
+    if len(set(values)) != len(values):
+        raise InputError("two segments share a label value")
+    present = {int(v) for v in np.unique(array) if v != 0}
+    segments += [default_segment(v) for v in sorted(present - set(values))]
+    if max(values, default=0) > np.iinfo(array.dtype).max:
+        array = array.astype(_label_dtype(max(values)))
+
+    image = reference.to_sitk(array)
+    for key, value in _segmentation_metadata(segments, reference).items():
+        image.SetMetaData(key, value)
+    _write_atomic(path, overwrite, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+
+
+def write_output(
+    path: PathLike,
+    labels: np.ndarray,
+    reference: Volume,
+    segments: Sequence[Segment] = (),
+    overwrite: bool = False,
+) -> None:
+    """``write_segmentation`` for a ``.seg.nrrd`` path, else ``write_labelmap``."""
+    if str(path).lower().endswith(SEGMENTATION_SUFFIX):
+        write_segmentation(path, labels, reference, segments, overwrite)
+    else:
+        write_labelmap(path, labels, reference, overwrite)
+
+
+def _labels_for_writing(labels: np.ndarray, reference: Volume) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != reference.array.shape:
+        raise InputError(f"labels of shape {labels.shape} do not match the volume's {reference.array.shape}")
+    return _integer_labels(labels, "the labelmap")
+
+
+def _segmentation_metadata(segments: Sequence[Segment], reference: Volume) -> dict[str, str]:
+    """The NRRD header fields 3D Slicer's segmentation storage node reads and writes."""
+    nz, ny, nx = reference.array.shape
+    extent = f"0 {nx - 1} 0 {ny - 1} 0 {nz - 1}"
+    ijk_to_ras = reference.index_to_physical
+    ijk_to_ras[:3] = _LPS_TO_RAS @ ijk_to_ras[:3]
+    geometry = ";".join(_num(v) for v in ijk_to_ras.ravel()) + ";" + extent.replace(" ", ";") + ";"
+    metadata = {
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+        "Segmentation_ConversionParameters": (
+            f"Reference image geometry|{geometry}|Image geometry description string determining the geometry "
+            "of the labelmap that is created in course of conversion."
+        ),
+    }
+    for index, segment in enumerate(segments):
+        tags = "Segmentation.Status:inprogress|"
+        if segment.terminology:
+            tags += f"TerminologyEntry:{segment.terminology}|"
+        metadata.update({
+            f"Segment{index}_ID": f"Segment_{segment.label_value}",
+            f"Segment{index}_Name": segment.name,
+            f"Segment{index}_NameAutoGenerated": "0",
+            f"Segment{index}_Color": " ".join(_num(c) for c in segment.color),
+            f"Segment{index}_ColorAutoGenerated": "0",
+            f"Segment{index}_LabelValue": str(segment.label_value),
+            f"Segment{index}_Layer": "0",
+            # The full extent for every segment: Slicer crops a shared layer to its first segment's extent.
+            f"Segment{index}_Extent": extent,
+            f"Segment{index}_Tags": tags,
+        })
+    return metadata
+
+
+def _check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
+    if not path.name.lower().endswith(tuple(suffixes)):
+        raise InputError(f"{path.name}: a {what} file must end with one of {', '.join(suffixes)}")
+
+
+def _write_atomic(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Check ``path``'s folder and existence, ``write`` a temporary file beside it, then rename it."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"folder not found: {parent}")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists (choose overwrite to replace it)")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to folder {parent}")
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (RuntimeError, OSError) as error:
+        raise InputError(f"cannot write {path}: {_itk_reason(error)}") from None
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _set_geometry(image: sitk.Image, volume: Volume) -> None:
+    image.SetSpacing([float(s) for s in volume.spacing])
+    image.SetOrigin([float(o) for o in volume.origin])
+    image.SetDirection([float(d) for d in volume.direction])
+
+
+def _itk_reason(error: Exception) -> str:
+    """The informative last line of an ITK exception message (they span several lines)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _xyz(shape: tuple[int, ...]) -> str:
+    return "×".join(str(n) for n in shape[:3][::-1])
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _num(value: float) -> str:
+    return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(float(value))

@@ -1,0 +1,724 @@
+"""Few-shot fine-tuning of H-SAM on the annotated slices of one volume, with the authors' recipe.
+
+Recipe (``train.py``/``trainer.py`` of the authors' code): AdamW (betas 0.9/0.999, weight decay 0.1)
+over the trainable parameters, linear warm-up then poly(0.9) learning rate, 0.1·CE + 0.9·Dice per
+stage with the stage-2 weight growing by epoch, the ``RandomGenerator`` augmentations (see
+``hsam.augment``), seed 2345. Adapted to a few annotated slices:
+
+* The 250-iteration warm-up is shortened to ``min(250, 10 % of the planned iterations)``.
+* With a time budget the run is planned on the measured epoch time: after every epoch the number of
+  epochs that still fit is estimated and the poly schedule re-planned on it.
+* With 6 or more annotated slices about 15 % of them (at least one, spread evenly) are held out; the
+  weights with the best validation Dice are returned.
+* Without official SAM weights (the ``tiny`` preset, or a model trained from scratch) the whole
+  image encoder trains: a random encoder has nothing to preserve. With SAM weights only its LoRA
+  adapters do, as the authors'.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on
+CUDA, Gloo on CPU), each process trains on its share of every epoch's shuffled slices, and only
+the main process reports progress; every process returns the same model.
+"""
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from . import __version__
+from .augment import RandomAugmentation
+from .build import build_hsam
+from .bundle import BundleMetadata, default_color, load_bundle
+from .checkpoint import SAM_CHECKPOINTS, identify_sam_checkpoint, load_sam_weights, sha256_file
+from .errors import Cancelled, CheckpointError, InputError
+from .loss import HSAMLoss
+from .modeling.hsam import HSAM
+from .preprocess import SLICE_AXES, IntensityPreprocessing
+
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_IMG_SIZE = {"tiny": 256}  # every vit_* preset: 512, as the authors' 10 % Synapse run
+FALLBACK_IMG_SIZE = 512
+DEFAULT_EPOCHS = 300
+DEFAULT_LEARNING_RATE = {"tiny": 0.001}  # vit_*: the authors' 0.0025
+FALLBACK_LEARNING_RATE = 0.0025
+BETAS = (0.9, 0.999)
+WEIGHT_DECAY = 0.1
+POLY_POWER = 0.9
+REFERENCE_WARMUP = 250
+WARMUP_FRACTION = 0.1
+VALIDATION_FRACTION = 0.15
+MIN_SLICES_FOR_VALIDATION = 6
+STATE_KEY = "hsam_training_state"
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass
+class FinetuneConfig:
+    """What to train and how. ``epochs`` and ``time_budget`` (seconds) both stop the run, whichever
+    comes first; with neither, 300 epochs (the authors' count). ``learning_rate`` None: 0.0025 (the
+    authors') for vit_* presets, 0.001 for ``tiny``. ``slices``: training slice indices along
+    ``slice_axis`` (default: every slice carrying a label). ``resume``: a file written by
+    ``FinetuneResult.save_training_state``; ``epochs`` is then the total, the epochs already done included."""
+
+    preset: str = "tiny"
+    sam_checkpoint: Optional[PathLike] = None
+    base_bundle: Optional[PathLike] = None
+    img_size: Optional[int] = None
+    epochs: Optional[int] = None
+    time_budget: Optional[float] = None
+    learning_rate: Optional[float] = None
+    batch_size: int = 2
+    slices: Optional[list[int]] = None
+    slice_axis: str = "axial"
+    preprocessing: Optional[IntensityPreprocessing] = None
+    class_names: Optional[list[str]] = None
+    class_colors: Optional[list[tuple[float, float, float]]] = None
+    device: str = "auto"
+    seed: int = 2345
+    cmattn: str = "reference"
+    lora_rank: int = 5
+    augment: bool = True
+    validation: bool = True
+    resume: Optional[PathLike] = None
+
+
+@dataclass
+class TrainingProgress:
+    """Reported after every optimisation step (and after each validation)."""
+
+    fraction: float
+    epoch: int
+    step: int
+    loss: float
+    val_dice: Optional[float]
+    message: str
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue a run: the trained tensors, optimiser moments and counters."""
+
+    tensors: dict[str, torch.Tensor]
+    info: dict
+
+
+@dataclass
+class FinetuneResult:
+    model: HSAM
+    metadata: BundleMetadata
+    history: list[dict]
+    state: Optional[TrainingState] = field(repr=False, default=None)
+
+    def save_training_state(self, path: PathLike) -> Path:
+        """Write the state at the end of the run (last, not best, weights) for ``FinetuneConfig.resume``."""
+        return save_training_state(path, self.state)
+
+
+def annotated_slices(labels: np.ndarray, axis: Union[int, str] = 0) -> list[int]:
+    """Indices of the slices along ``axis`` (0 = axial for (z, y, x) arrays) carrying any label."""
+    axis = SLICE_AXES[axis] if isinstance(axis, str) else axis
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    return np.flatnonzero(np.any(labels != 0, axis=other)).tolist()
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on rank 0 of one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def reference_learning_rate(iteration: int, base_lr: float, warmup: int, max_iterations: int) -> float:
+    """The authors' schedule for the step of index ``iteration`` (0-based): ``base/warmup`` first,
+    then linear to ``base`` over ``warmup`` steps, then ``base·(1 − (i − warmup)/max_iterations)^0.9``
+    with ``i`` the previous step (their LR is set after each step). The warm-up is not subtracted from
+    the denominator, as theirs, so the rate ends above zero."""
+    if warmup > 0 and iteration <= warmup:
+        return base_lr * max(iteration, 1) / warmup
+    done = iteration - 1 - warmup if warmup > 0 else iteration
+    return base_lr * max(0.0, 1.0 - done / max(max_iterations, 1)) ** POLY_POWER
+
+
+def warmup_iterations(planned_iterations: int) -> int:
+    return min(REFERENCE_WARMUP, max(1, round(WARMUP_FRACTION * planned_iterations)))
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Classes:
+    label_values: list[int]
+    names: list[str]
+    colors: list[tuple[float, float, float]]
+    terminology: list[Optional[str]]
+
+
+def _classes(labels: np.ndarray, segments: Sequence, config: FinetuneConfig) -> _Classes:
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    if segments:
+        values = [int(s.label_value) for s in segments]
+        if len(set(values)) != len(values):
+            raise InputError("two segments share a label value")
+        unknown = sorted(set(present) - set(values))
+        if unknown:
+            raise InputError(f"the labelmap has value {unknown[0]}, which no segment describes")
+        names = [s.name for s in segments]
+        colors = [tuple(s.color) for s in segments]
+        terminology = [getattr(s, "terminology", None) for s in segments]
+    else:
+        if not present:
+            raise InputError("the labelmap has no labelled voxel")
+        values = present
+        names = [f"Segment_{v}" for v in values]
+        colors = [default_color(i) for i in range(len(values))]
+        terminology = [None] * len(values)
+    for given, what in ((config.class_names, "class names"), (config.class_colors, "class colours")):
+        if given is not None and len(given) != len(values):
+            raise InputError(f"{len(given)} {what} given for {len(values)} classes")
+    return _Classes(
+        values,
+        list(config.class_names) if config.class_names is not None else names,
+        [tuple(c) for c in config.class_colors] if config.class_colors is not None else colors,
+        terminology,
+    )
+
+
+def _check_inputs(volume, labels: np.ndarray) -> None:
+    if labels.shape != volume.array.shape:
+        raise InputError(
+            f"the labelmap grid {labels.shape} differs from the volume's {volume.array.shape}: "
+            "resample it onto the volume first (hsam.io.read_labelmap(path, reference=volume))"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.array_equal(labels, np.round(labels)):
+            raise InputError("the labelmap holds non-integer values")
+    if labels.min() < 0:
+        raise InputError("the labelmap holds negative values")
+
+
+def _select_slices(labels: np.ndarray, axis: int, requested: Optional[Sequence[int]]) -> list[int]:
+    depth = labels.shape[axis]
+    if requested is None:
+        chosen = annotated_slices(labels, axis)
+        if not chosen:
+            raise InputError("no annotated slice: label at least one slice of the volume")
+        return chosen
+    chosen = sorted({int(i) for i in requested})
+    if not chosen:
+        raise InputError("the list of training slices is empty")
+    outside = [i for i in chosen if not 0 <= i < depth]
+    if outside:
+        raise InputError(f"slice {outside[0]} is outside the volume (0–{depth - 1} along this axis)")
+    return chosen
+
+
+def _split_validation(slices: list[int], enabled: bool) -> tuple[list[int], list[int]]:
+    """(training, validation): ~15 % held out, evenly spread, when there are at least 6 slices."""
+    if not enabled or len(slices) < MIN_SLICES_FOR_VALIDATION:
+        return slices, []
+    count = max(1, round(VALIDATION_FRACTION * len(slices)))
+    held = {slices[int((i + 0.5) * len(slices) / count)] for i in range(count)}
+    return [s for s in slices if s not in held], sorted(held)
+
+
+def _slice_tensors(
+    image: np.ndarray, labels: np.ndarray, axis: int, indices: list[int], img_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed (0–1) image and class-index slices resized to the network: ((N, S, S) float32,
+    (N, S, S) int64); images bilinearly, labels by nearest neighbour."""
+    images = torch.from_numpy(np.stack([np.take(image, i, axis=axis) for i in indices]).astype(np.float32))
+    targets = torch.from_numpy(np.stack([np.take(labels, i, axis=axis) for i in indices]).astype(np.int64))
+    size = (img_size, img_size)
+    images = F.interpolate(images[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    targets = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return images, targets
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class _Model:
+    model: HSAM
+    preset: str
+    base_checkpoint: Optional[dict]
+    base_bundle: Optional[str]
+    preprocessing: Optional[dict]
+
+
+def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
+    if config.base_bundle is not None:
+        model, meta = load_bundle(config.base_bundle, sam_checkpoint=config.sam_checkpoint)
+        if meta.num_classes != num_classes:
+            raise InputError(
+                f"{Path(config.base_bundle).name} segments {meta.num_classes} classes, the labelmap {num_classes}"
+            )
+        if config.img_size is not None and config.img_size != meta.img_size:
+            raise InputError(f"{Path(config.base_bundle).name} works at {meta.img_size}px, not {config.img_size}px")
+        return _Model(model, meta.preset, meta.base_checkpoint, Path(config.base_bundle).name, meta.preprocessing)
+
+    img_size = config.img_size or DEFAULT_IMG_SIZE.get(config.preset, FALLBACK_IMG_SIZE)
+    try:
+        model = build_hsam(config.preset, num_classes, img_size, config.cmattn, config.lora_rank)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    base = None
+    if config.sam_checkpoint is not None:
+        if config.preset not in SAM_CHECKPOINTS:
+            raise InputError(f"the {config.preset} preset has no official SAM weights")
+        path = Path(config.sam_checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"SAM checkpoint not found: {path}")
+        if identify_sam_checkpoint(path) != config.preset:
+            raise CheckpointError(f"{path.name} is not the official SAM {config.preset} file")
+        load_sam_weights(model, path, config.preset)
+        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": sha256_file(path)}
+    return _Model(model, config.preset, base, None, None)
+
+
+def _trainable_state(model: HSAM) -> dict[str, torch.Tensor]:
+    """The tensors a run changes: every parameter that trains, plus buffers, on the CPU."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+
+# ------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+    created_group: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _start_distributed(device: torch.device) -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed()
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return _Distributed(dist.get_rank(), dist.get_world_size(), created)
+
+
+def _select_device(name: str) -> torch.device:
+    from .inference import select_device
+
+    device = select_device(name)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _all_reduce(values: list[float], device: torch.device, op) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _epoch_order(count: int, epoch: int, seed: int, ddp: _Distributed) -> list[int]:
+    """This process's share of a shuffle shared by all processes, padded to equal lengths."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(count, generator=generator).tolist()
+    per_rank = math.ceil(count / ddp.world_size)
+    order = (order * ddp.world_size)[: per_rank * ddp.world_size]
+    return order[ddp.rank :: ddp.world_size]
+
+
+# ------------------------------------------------------------------------------------------ state
+
+
+def save_training_state(path: PathLike, state: TrainingState) -> Path:
+    """Write a training state (safetensors + JSON, no pickle) atomically."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"folder {path.parent} does not exist")
+    payload = save({k: v.contiguous() for k, v in state.tensors.items()}, {STATE_KEY: json.dumps(state.info)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+    return path
+
+
+def load_training_state(path: PathLike) -> TrainingState:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(STATE_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name} is not an HSAM training state or is truncated ({e})") from e
+    if raw is None:
+        raise CheckpointError(f"{path.name} is not an HSAM training state")
+    info = json.loads(raw)
+    if info.get("format_version") != STATE_FORMAT_VERSION:
+        raise CheckpointError(f"{path.name} was written by an incompatible HSAM version")
+    return TrainingState(tensors, info)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{key}": value.detach().cpu().clone()
+        for index, slots in state["state"].items()
+        for key, value in slots.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def _dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean Dice over the classes present in the prediction or the target (class indices 1..C)."""
+    scores = []
+    for c in range(1, num_classes + 1):
+        p, t = prediction == c, target == c
+        total = int(p.sum() + t.sum())
+        if total:
+            scores.append(2.0 * int((p & t).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+@torch.no_grad()
+def _validate(model: HSAM, images: torch.Tensor, targets: torch.Tensor, device: torch.device, batch_size: int) -> float:
+    model.eval()
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device)
+        predictions.append(model(batch[:, None].expand(-1, 3, -1, -1)).masks.argmax(1).cpu())
+    model.train()
+    return _dice(torch.cat(predictions), targets, model.num_classes)
+
+
+def finetune(
+    volume,
+    labels: np.ndarray,
+    segments: Sequence = (),
+    config: Optional[FinetuneConfig] = None,
+    progress: Optional[Callable[[TrainingProgress], None]] = None,
+    cancel: Optional[threading.Event] = None,
+) -> FinetuneResult:
+    """Fine-tune H-SAM on the annotated slices of ``volume`` (an ``hsam.io.Volume``).
+
+    labels: (z, y, x) integer labelmap on the volume's grid (0 = background, values as in
+    ``segments``, each an ``hsam.io.Segment``; without segments, every non-zero value is a class).
+    Class ``k`` of the model stands for the ``k``-th segment's label value. Nothing is written; save
+    the returned model with ``hsam.bundle.save_bundle``. Raises InputError for unusable input and
+    Cancelled when ``cancel`` is set.
+    """
+    config = config or FinetuneConfig()
+    labels = np.asarray(labels)
+    _check_inputs(volume, labels)
+    if config.slice_axis not in SLICE_AXES:
+        raise InputError(f"unknown slice axis {config.slice_axis!r}; choose one of {', '.join(SLICE_AXES)}")
+    if config.epochs is not None and config.epochs < 1:
+        raise InputError("epochs must be at least 1")
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise InputError("the time budget must be positive")
+    if config.batch_size < 1:
+        raise InputError("the batch size must be at least 1")
+    axis = SLICE_AXES[config.slice_axis]
+    classes = _classes(labels, segments, config)
+    slices = _select_slices(labels, axis, config.slices)
+    class_of_value = np.zeros(int(max(classes.label_values + [int(labels.max())])) + 1, dtype=np.int64)
+    class_of_value[classes.label_values] = np.arange(1, len(classes.label_values) + 1)
+    class_labels = class_of_value[labels]
+    if config.base_bundle is None:
+        seen = {int(v) for v in np.unique(np.take(class_labels, slices, axis=axis))}
+        missing = [n for k, n in enumerate(classes.names, start=1) if k not in seen]
+        if missing:
+            raise InputError(f"segment {missing[0]!r} has no voxel in the training slices")
+
+    device = _select_device(config.device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        ddp = _start_distributed(device)
+        try:
+            return _run(volume, class_labels, axis, slices, classes, config, device, ddp, progress, cancel)
+        finally:
+            if ddp.created_group:
+                dist.destroy_process_group()
+
+
+class _Loop:
+    """The optimisation loop of one process: schedule, augmentation, stopping, best weights."""
+
+    def __init__(self, model, config, ddp, device, base_lr, train_data, val_data, progress, cancel) -> None:
+        self.model, self.config, self.ddp, self.device = model, config, ddp, device
+        self.train_images, self.train_targets = train_data
+        self.val_images, self.val_targets = val_data
+        self.progress, self.cancel = progress, cancel
+        self.base_lr = base_lr
+        self.network = model
+        if ddp.active:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=base_lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+        self.loss_fn = HSAMLoss()
+        self.augmentation = RandomAugmentation(config.seed + 7919 * (ddp.rank + 1))
+        slices_per_process = math.ceil(len(self.train_images) / ddp.world_size)
+        self.batches_per_epoch = math.ceil(slices_per_process / config.batch_size)
+        self.planned_epochs = config.epochs or DEFAULT_EPOCHS
+        self.epoch = self.iteration = 0
+        self.history: list[dict] = []
+        self.best_dice: Optional[float] = None
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+        self.last_loss = float("nan")
+        self.started = time.monotonic()
+        self.previous_seconds = 0.0
+
+    @property
+    def max_iterations(self) -> int:
+        return self.planned_epochs * self.batches_per_epoch
+
+    def report(self, message: str, val_dice: Optional[float] = None, fraction: Optional[float] = None) -> None:
+        if self.progress is not None and self.ddp.rank == 0:
+            fraction = self.iteration / max(self.max_iterations, 1) if fraction is None else fraction
+            dice = self.best_dice if val_dice is None else val_dice
+            self.progress(TrainingProgress(min(fraction, 1.0), self.epoch, self.iteration, self.last_loss, dice, message))
+
+    def should_stop(self) -> bool:
+        """Raise Cancelled when any process was cancelled; True when the time budget is spent."""
+        budget = self.config.time_budget
+        flags = [
+            float(self.cancel is not None and self.cancel.is_set()),
+            float(budget is not None and time.monotonic() - self.started >= budget),
+        ]
+        if self.ddp.active:
+            flags = _all_reduce(flags, self.device, dist.ReduceOp.MAX)
+        if flags[0]:
+            raise Cancelled("training cancelled")
+        return bool(flags[1]) and self.iteration > 0
+
+    def step(self, index: torch.Tensor, warmup: int) -> dict[str, float]:
+        lr = reference_learning_rate(self.iteration, self.base_lr, warmup, self.max_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = self.train_images[index].to(self.device)
+        targets = self.train_targets[index].to(self.device)
+        if self.config.augment:
+            images, targets = self.augmentation(images, targets)
+        output = self.network(images[:, None].expand(-1, 3, -1, -1), targets)
+        loss, parts = self.loss_fn(output, targets, self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        self.last_loss = float(loss.detach())
+        return {"loss": self.last_loss, "stage1": parts["stage1"], "stage2": parts["stage2"], "lr": lr}
+
+    def train_epoch(self) -> bool:
+        """One pass over this process's share of the slices; False when the time budget ran out."""
+        started = time.monotonic()
+        warmup = warmup_iterations(self.max_iterations)
+        order = _epoch_order(len(self.train_images), self.epoch, self.config.seed, self.ddp)
+        steps = []
+        for start in range(0, len(order), self.config.batch_size):
+            if self.should_stop():
+                return False
+            steps.append(self.step(torch.tensor(order[start : start + self.config.batch_size]), warmup))
+            self.report(f"epoch {self.epoch + 1}/{self.planned_epochs}, step {self.iteration}: loss {self.last_loss:.4f}")
+        means = [float(np.mean([s[k] for s in steps])) for k in ("loss", "stage1", "stage2")]
+        if self.ddp.active:
+            means = [m / self.ddp.world_size for m in _all_reduce(means, self.device, dist.ReduceOp.SUM)]
+        record = dict(zip(("loss", "stage1", "stage2"), means))
+        record.update(epoch=self.epoch, steps=self.iteration, lr=steps[-1]["lr"])
+        if self.val_images is not None:
+            dice = _validate(self.model, self.val_images, self.val_targets, self.device, self.config.batch_size)
+            record["val_dice"] = dice
+            if self.best_dice is None or dice > self.best_dice:
+                self.best_dice, self.best_state = dice, _trainable_state(self.model)
+            self.report(f"epoch {self.epoch + 1}: validation Dice {dice:.3f}", val_dice=dice)
+        record["seconds"] = time.monotonic() - started
+        self.history.append(record)
+        self.epoch += 1
+        if self.config.time_budget is not None:
+            self.replan(record["seconds"])
+        return True
+
+    def replan(self, epoch_seconds: float) -> None:
+        """Plan the epochs that still fit the budget on the latest epoch's duration (all processes agree)."""
+        remaining = self.config.time_budget - (time.monotonic() - self.started)
+        planned = self.epoch + max(0, int(remaining // max(epoch_seconds, 1e-6)))
+        if self.ddp.active:
+            planned = int(_all_reduce([float(planned)], self.device, dist.ReduceOp.MIN)[0])
+        self.planned_epochs = min(self.config.epochs or planned, planned)
+
+    def run(self) -> None:
+        self.model.train()
+        while self.epoch < self.planned_epochs and self.train_epoch():
+            pass
+        if self.iteration == 0:
+            raise InputError("the time budget ended before the first training step")
+
+    @property
+    def seconds(self) -> float:
+        return self.previous_seconds + time.monotonic() - self.started
+
+    def state(self, classes: _Classes) -> TrainingState:
+        """The state after the last step (not the best weights), for resuming."""
+        tensors = {f"model.{k}": v for k, v in _trainable_state(self.model).items()}
+        optimizer_tensors, groups = _optimizer_tensors(self.optimizer)
+        tensors.update(optimizer_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors["rng.augmentation"] = self.augmentation.get_state()
+        if self.best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
+        info = {
+            "format_version": STATE_FORMAT_VERSION,
+            "hsam_version": __version__,
+            "img_size": self.model.img_size,
+            "num_classes": self.model.num_classes,
+            "label_values": classes.label_values,
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "history": self.history,
+            "best_val_dice": self.best_dice,
+            "seconds": self.seconds,
+            "optimizer_param_groups": groups,
+        }
+        return TrainingState(tensors, info)
+
+    def resume(self, state: TrainingState) -> None:
+        info, model = state.info, self.model
+        if info["num_classes"] != model.num_classes or info["img_size"] != model.img_size:
+            raise InputError(
+                f"the saved run trained {info['num_classes']} classes at {info['img_size']}px, "
+                f"this one {model.num_classes} at {model.img_size}px"
+            )
+        weights = {k.removeprefix("model."): v for k, v in state.tensors.items() if k.startswith("model.")}
+        own = model.state_dict()
+        wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise InputError(f"the saved run does not fit this model (e.g. {wrong[0]})")
+        model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
+        _restore_optimizer(self.optimizer, state.tensors, info["optimizer_param_groups"])
+        torch.set_rng_state(state.tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in state.tensors:
+            torch.cuda.set_rng_state(state.tensors["rng.cuda"], self.device)
+        self.augmentation.set_state(state.tensors["rng.augmentation"])
+        self.epoch, self.iteration = info["epoch"], info["iteration"]
+        self.history = list(info["history"])
+        self.previous_seconds = float(info["seconds"])
+        self.best_dice = info.get("best_val_dice")
+        best = {k.removeprefix("best."): v for k, v in state.tensors.items() if k.startswith("best.")}
+        self.best_state = best or None
+        if self.epoch >= self.planned_epochs:
+            raise InputError(f"the saved run already did {self.epoch} epochs; ask for more epochs to continue")
+
+
+def _run(volume, class_labels, axis, slices, classes, config, device, ddp, progress, cancel) -> FinetuneResult:
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    built = _build_model(config, len(classes.label_values))
+    model = built.model
+    train_encoder = built.base_checkpoint is None
+    if train_encoder:
+        model.requires_grad_(True)
+
+    if config.preprocessing is not None:
+        preprocessing = config.preprocessing
+    elif built.preprocessing is not None:
+        preprocessing = IntensityPreprocessing.from_dict(built.preprocessing)
+    else:
+        preprocessing = IntensityPreprocessing(mode="percentile")
+    image = preprocessing.apply(volume.array)
+    train_slices, val_slices = _split_validation(slices, config.validation)
+    train_data = _slice_tensors(image, class_labels, axis, train_slices, model.img_size)
+    val_data = _slice_tensors(image, class_labels, axis, val_slices, model.img_size) if val_slices else (None, None)
+
+    model.to(device)
+    base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
+    loop = _Loop(model, config, ddp, device, base_lr, train_data, val_data, progress, cancel)
+    torch.manual_seed(config.seed + ddp.rank)  # the embedding noise differs between processes
+    if config.resume is not None:
+        loop.resume(load_training_state(config.resume))
+    loop.run()
+
+    state = loop.state(classes)
+    if loop.best_state is not None:
+        model.load_state_dict({k: v.to(device) for k, v in loop.best_state.items()}, strict=False)
+    model.eval()
+    metadata = BundleMetadata(
+        preset=built.preset,
+        img_size=model.img_size,
+        num_classes=model.num_classes,
+        class_names=classes.names,
+        class_colors=classes.colors,
+        label_values=classes.label_values,
+        terminology=classes.terminology,
+        preprocessing=preprocessing.to_dict(),
+        slice_axis=config.slice_axis,
+        cmattn=model.cmattn_mode,
+        lora_rank=model.lora_rank,
+        base_checkpoint=built.base_checkpoint,
+        training={
+            "hsam_version": __version__,
+            "data": {
+                "shape": list(volume.array.shape),
+                "spacing": [float(s) for s in volume.spacing],
+                "labelled_voxels": {n: int((class_labels == k).sum()) for k, n in enumerate(classes.names, 1)},
+            },
+            "slices": train_slices,
+            "validation_slices": val_slices,
+            "base_bundle": built.base_bundle,
+            "resumed_from": Path(config.resume).name if config.resume is not None else None,
+            "epochs": loop.epoch,
+            "steps": loop.iteration,
+            "final_loss": loop.last_loss,
+            "best_val_dice": loop.best_dice,
+            "seconds": round(loop.seconds, 2),
+            "learning_rate": base_lr,
+            "batch_size": config.batch_size,
+            "processes": ddp.world_size,
+            "augmentation": config.augment,
+            "trained_encoder": train_encoder,
+            "seed": config.seed,
+            "device": str(device),
+        },
+    )
+    loop.report(f"finished: {loop.epoch} epochs, {loop.iteration} steps", fraction=1.0)
+    return FinetuneResult(model, metadata, loop.history, state)

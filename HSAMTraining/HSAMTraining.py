@@ -1,0 +1,311 @@
+"""HSAMTraining: fine-tune an HSAM model from a few annotated slices, inside Slicer.
+
+The work is done by ``HSAMLib`` (shipped in the HSAMSegment module folder); this file only wires the
+panel: inputs, annotated-slice summary, training options, a background job with live curves.
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import slicer
+import vtk
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# HSAMLib and the engine live in the HSAMSegment module folder: it is a sibling in the source tree
+# and shares the scripted-modules folder once installed.
+_SEGMENT_MODULE_DIR = Path(__file__).resolve().parent.parent / "HSAMSegment"
+if _SEGMENT_MODULE_DIR.is_dir() and str(_SEGMENT_MODULE_DIR) not in sys.path:
+    sys.path.append(str(_SEGMENT_MODULE_DIR))
+
+from HSAMSegment import DEVICES, JobRunner, ensureDependencies, reportJobError  # noqa: E402
+
+SLICE_AXES = ("axial", "coronal", "sagittal")
+
+
+class HSAMTraining(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "HSAM Training"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["HSAMSegment"]
+        self.parent.contributors = ["HSAM contributors"]
+        self.parent.helpText = (
+            "Fine-tune an H-SAM model on a few annotated slices: paint each structure as a segment on some "
+            "slices of a volume, choose a base model and train. The new model appears in HSAM Segment."
+        )
+        self.parent.acknowledgementText = (
+            "H-SAM: Cheng Z. et al., Unleashing the Potential of SAM for Medical Adaptation via Hierarchical "
+            "Decoding, CVPR 2024."
+        )
+
+
+@parameterNodeWrapper
+class HSAMTrainingParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLSegmentationNode
+    sliceAxis: Annotated[str, Choice(list(SLICE_AXES))] = "axial"
+    baseModel: str = "tiny"
+    outputName: str = "my-model"
+    useTimeBudget: bool = False
+    epochs: Annotated[int, WithinRange(1, 100000)] = 100
+    timeBudgetMinutes: Annotated[float, WithinRange(0.5, 1440)] = 10.0
+    learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # 0: the engine's default for the preset
+    batchSize: Annotated[int, WithinRange(1, 256)] = 2
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+
+
+class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._curves = None
+        self._summaryKey = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/HSAMTraining.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = HSAMTrainingLogic()
+
+        self._job = JobRunner(self._onProgress, self._onFinished)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.showPlotButton.connect("clicked(bool)", self.showPlot)
+
+        self.refreshBaseModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.refreshBaseModels()
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._job.cancel()
+        self._curves = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if not p.inputVolume:
+            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not p.segmentation:
+            p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.selectBaseModel(self._parameterNode.baseModel)
+        self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.updateAnnotationSummary()
+        self.updateButtons()
+
+    # --- base model ---------------------------------------------------------------------------
+
+    def refreshBaseModels(self) -> None:
+        from HSAMLib import models
+
+        combo = self.ui.baseModelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItem("Tiny preset (trained from scratch; fast, for CPU)", "tiny")
+        for name in models.SAM_WEIGHTS_NAMES:
+            combo.addItem(f"SAM {name} (official weights)", f"sam:{name}")
+        for path in models.bundle_paths():
+            combo.addItem(f"HSAM model: {path.stem}", str(path))
+        combo.blockSignals(False)
+        self.selectBaseModel(self._parameterNode.baseModel if self._parameterNode else "tiny")
+
+    def selectBaseModel(self, value: str) -> None:
+        self.ui.baseModelComboBox.setCurrentIndex(max(self.ui.baseModelComboBox.findData(value), 0))
+        self.onBaseModelChanged()
+
+    def onBaseModelChanged(self, index: int = -1) -> None:
+        value = self.ui.baseModelComboBox.currentData or "tiny"
+        if self._parameterNode and self._parameterNode.baseModel != value:
+            self._parameterNode.baseModel = value
+
+    # --- annotated slices ---------------------------------------------------------------------
+
+    def updateAnnotationSummary(self) -> None:
+        p = self._parameterNode
+        if not (p and p.inputVolume and p.segmentation):
+            self.ui.annotationSummaryLabel.text = "Select a volume and a segmentation painted on a few slices."
+            self._summaryKey = None
+            return
+        key = (p.inputVolume.GetID(), p.segmentation.GetID(), p.segmentation.GetMTime(), p.sliceAxis)
+        if key == self._summaryKey:
+            return
+        self._summaryKey = key
+        try:
+            annotated = self.logic.trainer.annotatedSlices(p.inputVolume, p.segmentation, p.sliceAxis)
+        except Exception as e:  # shown in the panel; the Fine-tune button reports it properly
+            self.ui.annotationSummaryLabel.text = f"Cannot read the annotations: {e}"
+            return
+        text = annotated.summary().replace("\n", "<br>")
+        if annotated.missing:
+            text += f"<br><b style='color:#c05000'>Paint at least one slice of: {', '.join(annotated.missing)}</b>"
+        self.ui.annotationSummaryLabel.text = text
+
+    # --- training -----------------------------------------------------------------------------
+
+    def updateButtons(self) -> None:
+        p = self._parameterNode
+        busy = self._job.running
+        ready = bool(p and p.inputVolume and p.segmentation and p.outputName.strip())
+        self.ui.finetuneButton.enabled = busy or ready
+        self.ui.finetuneButton.text = "Cancel" if busy else "Fine-tune"
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.trainingCollapsibleButton):
+            widget.enabled = not busy
+        self.ui.timeBudgetSpinBox.enabled = bool(p and p.useTimeBudget)
+        self.ui.showPlotButton.enabled = self._curves is not None
+
+    def onFinetuneButton(self) -> None:
+        if self._job.running:
+            self._job.cancel()
+            self.ui.statusLabel.text = "Cancelling after the current batch…"
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            from HSAMLib.plots import TrainingCurves
+
+            p = self._parameterNode
+            trainer = self.logic.trainer
+            data = trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis)
+            config = trainer.makeConfig(
+                baseModel=p.baseModel,
+                epochs=p.epochs,
+                timeBudgetSeconds=60 * p.timeBudgetMinutes if p.useTimeBudget else None,
+                learningRate=p.learningRate,
+                batchSize=p.batchSize,
+                device=p.device,
+                sliceAxis=p.sliceAxis,
+            )
+            name = p.outputName.strip()
+            self._job.start(lambda progress, cancel: trainer.train(data, name, config, progress, cancel))
+            self._curves = TrainingCurves(slicer.mrmlScene, f"HSAM training {name}")
+            self.showPlot()
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = f"Training on {len(data.annotated.slices)} slices…"
+            self.updateButtons()
+
+    def showPlot(self) -> None:
+        if self._curves and slicer.mrmlScene.IsNodePresent(self._curves.chartNode):
+            slicer.modules.plots.logic().ShowChartInLayout(self._curves.chartNode)
+
+    def _onProgress(self, item) -> None:
+        self.ui.progressBar.value = int(100 * item.fraction)
+        self.ui.statusLabel.text = item.message
+        if item.loss is not None and self._curves:
+            self._curves.append(item.epoch, item.loss, item.val_dice)
+
+    def _onFinished(self, job) -> None:
+        if job.error and self._curves:  # a failed or cancelled run leaves nothing in the scene
+            self._curves.remove()
+            self._curves = None
+        self.updateButtons()
+        if job.cancelled:
+            self.ui.statusLabel.text = "Cancelled; no model was saved."
+        elif job.error:
+            self.ui.statusLabel.text = "Failed."
+            reportJobError("Fine-tuning failed.", job.error)
+        else:
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = f"Saved {job.result}. Select it in HSAM Segment."
+            self.refreshBaseModels()
+
+
+class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
+    """The module's parameter node; fine-tuning itself is ``HSAMLib.training_logic.HSAMTrainingLogic``
+    (``trainer``), which also works without Slicer's GUI."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._trainer = None
+
+    def getParameterNode(self):
+        return HSAMTrainingParameterNode(super().getParameterNode())
+
+    @property
+    def trainer(self):
+        if self._trainer is None:
+            from HSAMLib.training_logic import HSAMTrainingLogic as Trainer
+
+            self._trainer = Trainer()
+        return self._trainer
+
+
+class HSAMTrainingTest(ScriptedLoadableModuleTest):
+    """Fine-tune the tiny preset on two painted slices of a generated volume, then segment with it."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_finetune_tiny_preset()
+
+    def test_finetune_tiny_preset(self):
+        import numpy as np
+        from HSAMLib import mrml
+        from HSAMLib.segment_logic import HSAMSegmentLogic
+        from hsam.io import Segment
+
+        self.delayDisplay("Building a volume with two painted slices")
+        z, y, x = np.mgrid[:8, :40, :48]
+        blob = (z - 4) ** 2 / 9 + (y - 20) ** 2 / 144 + (x - 24) ** 2 / 196 < 1
+        volumeNode = slicer.util.addVolumeFromArray((1000 * blob).astype(np.int16), name="HSAMTrainingVolume")
+        labels = np.zeros(blob.shape, np.uint8)
+        labels[[3, 5]] = blob[[3, 5]]
+        segmentationNode = mrml.labels_to_segmentation(labels, [Segment("blob", 1, (0.9, 0.4, 0.2), None)], volumeNode)
+
+        trainer = HSAMTrainingLogic().trainer
+        self.assertEqual(trainer.annotatedSlices(volumeNode, segmentationNode).slices, [3, 5])
+        with tempfile.TemporaryDirectory() as folder:
+            self.delayDisplay("Fine-tuning")
+            config = trainer.makeConfig("tiny", epochs=1, batchSize=2, device="cpu")
+            path = trainer.finetune(volumeNode, segmentationNode, "self-test", config, modelsFolder=Path(folder))
+            self.assertTrue(path.is_file())
+            node = HSAMSegmentLogic().segment(volumeNode, path, device="cpu")
+            self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 1)
+        self.delayDisplay("Test passed")

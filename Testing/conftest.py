@@ -1,0 +1,26 @@
+"""Shared fixtures: the Slicer-side code (HSAMLib) on sys.path and a real MRML scene."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEGMENT_MODULE_DIR = ROOT / "HSAMSegment"
+if str(SEGMENT_MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(SEGMENT_MODULE_DIR))
+
+
+@pytest.fixture
+def scene():
+    """A ``vtkMRMLScene`` with the Segmentations logic registered, also set as ``slicer.mrmlScene``
+    (some ``slicer.util`` helpers use it)."""
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(scene)
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    yield scene
+    slicer.mrmlScene = previous
+    scene.Clear(True)

@@ -1,0 +1,181 @@
+"""The Slicer extension's packaging: CMake lists, extension description, Qt Designer files."""
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ("HSAMSegment", "HSAMTraining")
+S4EXT_REQUIRED = ("scm", "scmurl", "depends", "category", "iconurl", "description", "homepage", "contributors", "status")
+
+
+def cmake_list(cmake: str, variable: str) -> list[str]:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", cmake, re.S)
+    assert match, f"{variable} is not set"
+    return match.group(1).split()
+
+
+def module_files(folder: Path, pattern: str) -> set[str]:
+    return {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob(pattern)
+        if "__pycache__" not in p.parts and ".egg-info" not in p.as_posix()
+    }
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_python_file_and_resource_is_listed(module):
+    folder = ROOT / module
+    cmake = (folder / "CMakeLists.txt").read_text()
+    scripts = {s.replace("${MODULE_NAME}", module) for s in cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")}
+    resources = {s.replace("${MODULE_NAME}", module) for s in cmake_list(cmake, "MODULE_PYTHON_RESOURCES")}
+
+    assert module_files(folder, "*.py") == scripts
+    on_disk = {p.relative_to(folder).as_posix() for p in (folder / "Resources").rglob("*") if p.is_file()}
+    for package in ("HSAMLib", "hsam"):  # data files shipped with the Python packages
+        on_disk |= {f"{package}/{name}" for name in module_files(folder / package, "*.*") if not name.endswith((".py", ".pyc"))}
+    assert on_disk == resources
+    assert {f"Resources/UI/{module}.ui", f"Resources/Icons/{module}.png"} <= resources
+    assert "slicerMacroBuildScriptedModule" in cmake
+    assert re.search(r"slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", cmake)
+
+
+def test_engine_and_slicer_logic_ship_inside_the_segment_module():
+    scripts = cmake_list((ROOT / "HSAMSegment" / "CMakeLists.txt").read_text(), "MODULE_PYTHON_SCRIPTS")
+    assert "hsam/__init__.py" in scripts and "HSAMLib/__init__.py" in scripts
+
+
+def test_top_level_cmake_adds_both_modules():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"project\(HSAM\)", cmake)
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in cmake
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} \S", cmake), key
+    assert "find_package(Slicer REQUIRED)" in cmake
+    assert cmake.index("include(${Slicer_USE_FILE})") < cmake.index("add_subdirectory(")
+    assert "Slicer_EXTENSION_GENERATE_CONFIG" in cmake and "Slicer_EXTENSION_CPACK" in cmake
+
+
+def test_s4ext_has_the_fields_the_extensions_index_requires():
+    fields = {}
+    for line in (ROOT / "HSAM.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            fields[key] = value.strip()
+    for key in S4EXT_REQUIRED:
+        assert fields.get(key), f"{key} missing or empty"
+    assert fields["scm"] == "git" and fields["scmurl"].endswith(".git")
+    assert fields["depends"] == "PyTorch" and fields["category"] == "Segmentation"
+    assert fields["iconurl"].endswith(".png") and fields["enabled"] == "1"
+    assert not fields.get("name", "HSAM").lower().startswith("slicer")
+
+
+def ui_widgets(module: str) -> dict[str, ET.Element]:
+    tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    return {w.get("name"): w for w in tree.iter("widget")}
+
+
+def names_looked_up(source: Path) -> set[str]:
+    """Attribute names of every ``self.ui.<name>`` in a module file."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
+            names.add(node.attr)
+    return names
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_defines_every_widget_the_module_uses(module):
+    widgets = ui_widgets(module)
+    assert widgets[module].get("class") == "qMRMLWidget"
+    used = names_looked_up(ROOT / module / f"{module}.py")
+    assert used, "the module looks up no widget"
+    assert used <= set(widgets), f"missing in {module}.ui: {sorted(used - set(widgets))}"
+
+
+def parameter_fields(source: Path, class_name: str) -> set[str]:
+    tree = ast.parse(source.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_parameter_names_in_ui_exist_in_the_parameter_node(module):
+    fields = parameter_fields(ROOT / module / f"{module}.py", f"{module}ParameterNode")
+    bound = set()
+    for widget in ui_widgets(module).values():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound.add(prop.findtext("string"))
+    assert bound and bound <= fields, sorted(bound - fields)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_node_selectors_get_the_scene(module):
+    tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    combos = {w.get("name") for w in tree.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in tree.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert combos and combos == connected
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_icon_is_128_pixels(module):
+    from PIL import Image
+
+    with Image.open(ROOT / module / "Resources" / "Icons" / f"{module}.png") as icon:
+        assert icon.size == (128, 128)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_imports_qt_only_inside_functions(module):
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level.add(node.module.split(".")[0])
+    assert not top_level & {"qt", "ctk", "torch", "hsam"}
+
+
+def test_slicer_logic_never_imports_qt():
+    for path in (ROOT / "HSAMSegment" / "HSAMLib").glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & {"qt", "ctk"}, path.name
+
+
+def test_every_third_party_import_of_the_engine_is_a_checked_dependency():
+    """Module-level imports only: optional extras (the demo's data downloader) are imported lazily."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "HSAMSegment"))
+    try:
+        from HSAMLib import dependencies
+    finally:
+        sys.path.remove(str(ROOT / "HSAMSegment"))
+    provided = {r.module for r in dependencies.all_requirements()} | {"numpy"}  # numpy ships with Slicer
+    imported = set()
+    for path in (ROOT / "HSAMSegment" / "hsam").rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"hsam"}
+    assert third_party <= provided, sorted(third_party - provided)

@@ -1,0 +1,459 @@
+"""HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, jobs."""
+
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+slicerio = pytest.importorskip("slicerio")
+import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+from hsam.errors import Cancelled, CheckpointError, HSAMError, InputError  # noqa: E402
+from hsam.io import Segment  # noqa: E402
+from HSAMLib import dependencies, models, mrml  # noqa: E402
+from HSAMLib.plots import TrainingCurves  # noqa: E402
+from HSAMLib.segment_logic import HSAMSegmentLogic, segments_from_metadata  # noqa: E402
+from HSAMLib.training_logic import HSAMTrainingLogic  # noqa: E402
+from HSAMLib.worker import BackgroundJob  # noqa: E402
+
+SHAPE = (6, 9, 11)  # (z, y, x)
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    a = np.deg2rad(degrees)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
+
+
+def oblique_ijk_to_ras() -> np.ndarray:
+    """Anisotropic spacing, rotated axes and a flipped k axis."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation_z(30) @ np.diag([-1.0, 1.0, -1.0]) @ np.diag([0.7, 1.3, 2.5])
+    matrix[:3, 3] = (12.5, -40.0, 7.25)
+    return matrix
+
+
+def add_volume(scene, array: np.ndarray, ijk_to_ras: np.ndarray, node_class="vtkMRMLScalarVolumeNode", name="CT"):
+    node = scene.AddNewNodeByClass(node_class, name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
+    node.SetAndObserveImageData(image)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, ijk_to_ras[r, c])
+    node.SetIJKToRASMatrix(matrix)
+    return node
+
+
+@pytest.fixture
+def volume_node(scene):
+    rng = np.random.default_rng(0)
+    return add_volume(scene, rng.integers(-1000, 1000, SHAPE, dtype=np.int16), oblique_ijk_to_ras())
+
+
+@pytest.fixture
+def labels_and_segments():
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1, 2:5, 3:7] = 3
+    labels[1, 6:8, 1:3] = 5
+    labels[4, 1:4, 4:10] = 5
+    segments = [
+        Segment("liver", 3, (0.8, 0.3, 0.2), "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"),
+        Segment("kidney", 5, (0.1, 0.6, 0.9), None),
+        Segment("spleen", 7, (0.5, 0.5, 0.1), None),  # predicted nowhere: an empty segment
+    ]
+    return labels, segments
+
+
+def ordinal(labels: np.ndarray, segments) -> np.ndarray:
+    """``labels`` renumbered 1..N in segment order (what ``labels_from_segmentation`` returns)."""
+    out = np.zeros_like(labels)
+    for i, segment in enumerate(segments, start=1):
+        out[labels == segment.label_value] = i
+    return out
+
+
+# --- volumes ------------------------------------------------------------------------------------
+
+
+def test_volume_geometry_matches_simpleitk_reading_the_saved_file(volume_node, tmp_path):
+    path = tmp_path / "ct.nrrd"
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(volume_node)
+    image = sitk.ReadImage(str(path))
+
+    volume = mrml.volume_from_node(volume_node)
+
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
+    np.testing.assert_allclose(volume.spacing, image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(volume.origin, image.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(volume.direction, image.GetDirection(), atol=1e-6)
+    assert volume.array.shape == SHAPE
+
+
+def test_volume_round_trip_restores_ijk_to_ras(volume_node, scene):
+    volume = mrml.volume_from_node(volume_node)
+    copy = mrml.node_from_volume(volume, scene, "copy")
+    np.testing.assert_allclose(mrml.ijk_to_ras(copy), oblique_ijk_to_ras(), atol=1e-9)
+    np.testing.assert_array_equal(mrml.volume_from_node(copy).array, volume.array)
+
+
+def test_vector_volume_is_rejected(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    image = vtk.vtkImageData()
+    image.SetDimensions(4, 4, 4)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    node.SetAndObserveImageData(image)
+    with pytest.raises(InputError, match="components"):
+        mrml.volume_from_node(node)
+
+
+def test_volume_without_image_is_rejected(scene):
+    with pytest.raises(InputError, match="no image data"):
+        mrml.volume_from_node(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty"))
+
+
+# --- segmentations ------------------------------------------------------------------------------
+
+
+def test_labels_to_segmentation_and_back(volume_node, labels_and_segments):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(3)] == ["liver", "kidney", "spleen"]
+    for i, segment in enumerate(segments):
+        np.testing.assert_allclose(segmentation.GetNthSegment(i).GetColor(), segment.color, atol=1e-6)
+    reference = vtk.reference("")
+    assert segmentation.GetNthSegment(0).GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), reference)
+    assert str(reference) == segments[0].terminology
+    # the reference geometry is the volume's grid
+    geometry = node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole())
+    assert geometry == volume_node.GetID()
+
+    back, back_segments = mrml.labels_from_segmentation(node, volume_node)
+    np.testing.assert_array_equal(back, ordinal(labels, segments))
+    assert [(s.name, s.label_value) for s in back_segments] == [("liver", 1), ("kidney", 2), ("spleen", 3)]
+    assert back_segments[0].terminology == segments[0].terminology
+
+
+def test_segmentation_follows_the_volume_transform(scene, volume_node, labels_and_segments):
+    labels, segments = labels_and_segments
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 25.0)
+    transform.SetMatrixTransformToParent(matrix)
+    volume_node.SetAndObserveTransformNodeID(transform.GetID())
+
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+
+    assert node.GetTransformNodeID() == transform.GetID()
+    np.testing.assert_array_equal(mrml.labels_from_segmentation(node, volume_node)[0], ordinal(labels, segments))
+
+
+def test_overwriting_replaces_all_segments(volume_node, labels_and_segments):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    single = [Segment("tumour", 1, (1.0, 1.0, 0.0), None)]
+    tumour = np.zeros(SHAPE, np.uint8)
+    tumour[2, 2, 2] = 1
+    assert mrml.labels_to_segmentation(tumour, single, volume_node, node) is node
+    back, back_segments = mrml.labels_from_segmentation(node, volume_node)
+    assert [s.name for s in back_segments] == ["tumour"]
+    np.testing.assert_array_equal(back, tumour)
+
+
+def test_labels_with_wrong_shape_are_rejected(volume_node, labels_and_segments):
+    _, segments = labels_and_segments
+    with pytest.raises(InputError, match="shape"):
+        mrml.labels_to_segmentation(np.zeros((2, 2, 2), np.uint8), segments, volume_node)
+
+
+def expected_counts(labels, segments, axis):
+    moved = np.moveaxis(labels, axis, 0)
+    return {
+        s.name: {i: int((moved[i] == s.label_value).sum()) for i in range(moved.shape[0]) if (moved[i] == s.label_value).any()}
+        for s in segments
+    }
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_annotated_slices_in_a_shared_layer(volume_node, labels_and_segments, axis):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    assert node.GetSegmentation().GetNumberOfLayers() == 1  # all segments share one labelmap
+
+    annotated = HSAMTrainingLogic().annotatedSlices(volume_node, node, axis)
+
+    counts = expected_counts(labels, segments, mrml.SLICE_AXES[axis])
+    assert annotated.counts == counts
+    assert annotated.slices == sorted({i for c in counts.values() for i in c})
+    assert annotated.missing == ["spleen"]
+
+
+def test_annotated_slices_of_a_segmentation_on_another_grid(scene, volume_node):
+    """Segments drawn on a cropped, separately stored grid are resampled onto the volume's grid."""
+    crop = (slice(1, 5), slice(2, 8), slice(3, 10))  # (z, y, x) sub-block of the volume grid
+    sub = np.zeros((4, 6, 7), np.uint8)
+    sub[0, 1:3, 1:4] = 1  # volume slice z=1
+    sub[3, 2:5, 2:6] = 1  # volume slice z=4
+    cropped_ras = oblique_ijk_to_ras()
+    cropped_ras[:3, 3] = cropped_ras[:3, :3] @ np.array([crop[2].start, crop[1].start, crop[0].start]) + cropped_ras[:3, 3]
+    labelmap = add_volume(scene, sub, cropped_ras, "vtkMRMLLabelMapVolumeNode", "first")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    assert logic.ImportLabelmapToSegmentationNode(labelmap, node)
+    second = np.zeros_like(sub)
+    second[0, 1:4, 2:5] = 1  # overlaps the first segment: needs its own layer
+    labelmap2 = add_volume(scene, second, cropped_ras, "vtkMRMLLabelMapVolumeNode", "second")
+    assert logic.ImportLabelmapToSegmentationNode(labelmap2, node)
+    assert node.GetSegmentation().GetNumberOfSegments() == 2
+    assert node.GetSegmentation().GetNumberOfLayers() == 2
+
+    labels, segments = mrml.labels_from_segmentation(node, volume_node)
+
+    expected = np.zeros(SHAPE, np.uint8)
+    expected[crop][sub == 1] = 1
+    expected[crop][second == 1] = 2  # the later segment wins where they overlap
+    np.testing.assert_array_equal(labels, expected)
+    annotated = mrml.count_annotated_slices(labels, segments, "axial")
+    assert annotated.slices == [1, 4]
+    assert annotated.missing == []
+
+
+def test_segmentation_without_segments_is_rejected(scene, volume_node):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    with pytest.raises(InputError, match="no segments"):
+        mrml.labels_from_segmentation(node, volume_node)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def test_export_seg_nrrd_and_labelmap(volume_node, labels_and_segments, tmp_path):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node, name="result")
+    seg_path, labelmap_path = HSAMSegmentLogic().export(node, volume_node, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([seg_path.name, labelmap_path.name])
+
+    written = slicerio.read_segmentation(str(seg_path))
+    assert [s["name"] for s in written["segments"]] == ["liver", "kidney", "spleen"]
+    for read, segment in zip(written["segments"], segments):
+        np.testing.assert_allclose(read["color"], segment.color, atol=1e-3)
+    reference = mrml.volume_from_node(volume_node)
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ oblique_ijk_to_ras()
+    np.testing.assert_allclose(written["ijkToLPS"], ijk_to_lps, atol=1e-6)  # the volume's grid
+    for read, segment in zip(written["segments"], segments):
+        mask = slicerio.extract_segments(written, [(read["name"], 1)])["voxels"]  # (i, j, k)
+        np.testing.assert_array_equal(np.asarray(mask).transpose(2, 1, 0), labels == segment.label_value)
+    assert written["segments"][0]["terminology"]["type"][2] == "Liver"
+
+    image = sitk.ReadImage(str(labelmap_path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)  # the model's label values
+    np.testing.assert_allclose(image.GetOrigin(), reference.origin, atol=1e-4)
+    np.testing.assert_allclose(image.GetSpacing(), reference.spacing, atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), reference.direction, atol=1e-6)
+
+
+def test_export_refuses_wrong_extensions(volume_node, labels_and_segments, tmp_path):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    with pytest.raises(InputError, match=".seg.nrrd"):
+        mrml.export_segmentation(node, tmp_path / "a.nrrd")
+    with pytest.raises(InputError):
+        mrml.export_labelmap(node, volume_node, tmp_path / "a.seg.nrrd")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- models folder, dependencies, jobs, plots ---------------------------------------------------
+
+
+def test_sam_weight_names_match_the_engine():
+    from hsam.checkpoint import SAM_CHECKPOINTS
+
+    assert list(models.SAM_WEIGHTS_NAMES) == list(SAM_CHECKPOINTS)
+
+
+def test_unique_model_paths(tmp_path):
+    first = models.unique_model_path("liver CT / v1", tmp_path)
+    assert first.parent == tmp_path and first.name == "liver_CT_v1.hsam"
+    first.write_bytes(b"x")
+    assert models.unique_model_path("liver CT / v1", tmp_path).name == "liver_CT_v1-2.hsam"
+    assert models.unique_model_path("  ..  ", tmp_path).name == "model.hsam"
+
+
+def test_models_folder_reports_unreadable_bundles(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.MODELS_DIR_ENV, str(tmp_path / "models"))
+    folder = models.models_dir()
+    assert folder == tmp_path / "models" and folder.is_dir()
+    (folder / "broken.hsam").write_bytes(b"not a safetensors file")
+    entries, problems = models.list_models()
+    assert entries == [] and len(problems) == 1 and "broken.hsam" in problems[0]
+    with pytest.raises(CheckpointError):
+        models.import_model_file(folder / "broken.hsam", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_models_folder_lists_and_imports_bundles(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv(models.MODELS_DIR_ENV, str(tmp_path / "models"))
+    entry = models.import_model_file(tiny_bundle)
+    assert entry.path == tmp_path / "models" / "tiny.hsam"
+    assert models.import_model_file(tiny_bundle).path.name == "tiny-2.hsam"  # never overwrites
+    entries, problems = models.list_models()
+    assert [e.name for e in entries] == ["tiny", "tiny-2"] and problems == []
+    assert entries[0].metadata.class_names == ["liver", "kidney"]
+    assert "liver, kidney" in entries[0].describe()
+
+
+def test_base_model_choices(tiny_bundle, tmp_path, monkeypatch):
+    from HSAMLib.training_logic import base_model_options
+
+    monkeypatch.setenv("HSAM_HOME", str(tmp_path))
+    assert base_model_options("tiny") == {"preset": "tiny"}
+    assert base_model_options(str(tiny_bundle)) == {"preset": "tiny", "base_bundle": tiny_bundle}
+    with pytest.raises(InputError, match="vit_b weights are not downloaded"):
+        base_model_options("sam:vit_b")
+    with pytest.raises(InputError, match="unknown SAM weights"):
+        base_model_options("sam:vit_x")
+    with pytest.raises(CheckpointError):
+        base_model_options(str(tmp_path / "missing.hsam"))
+
+
+def test_requirements_file_and_install_plan():
+    requirements = dependencies.read_requirements()
+    assert {r.module for r in requirements} >= {"segment_anything", "safetensors"}
+    assert all(dependencies.is_installed(r.module) for r in requirements)
+    missing = [
+        dependencies.Requirement("torch", "torch"),
+        dependencies.Requirement("SimpleITK", "SimpleITK"),
+        dependencies.Requirement("hsam_missing_package_xyz", "hsam-missing-package-xyz>=1"),
+    ]
+    assert dependencies.missing_requirements(missing) == [missing[2]]
+    plan = dependencies.install_plan(missing)
+    assert plan.torch and plan.pip == ["hsam-missing-package-xyz>=1"] and plan.unavailable == ["SimpleITK"]
+    with pytest.raises(HSAMError, match="SimpleITK"):
+        dependencies.install(plan, install_torch=lambda: True, pip_install=lambda spec: None)
+
+
+def test_background_job_reports_progress_and_result():
+    def work(progress, cancel):
+        for i in range(3):
+            progress(i / 3, f"step {i}")
+        return "done"
+
+    job = BackgroundJob(work).start()
+    assert job.wait(10)
+    assert job.result == "done" and job.error is None
+    assert job.poll() == [(0.0, "step 0"), (1 / 3, "step 1"), (2 / 3, "step 2")]
+    assert job.poll() == []
+
+
+def test_background_job_cancel_stops_the_work():
+    started = threading.Event()
+
+    def work(progress, cancel):
+        started.set()
+        while not cancel.wait(0.01):
+            pass
+        raise Cancelled("cancelled")
+
+    job = BackgroundJob(work).start()
+    assert started.wait(10)
+    assert job.running
+    job.cancel()
+    assert job.wait(10)
+    assert job.cancelled and job.result is None
+
+
+def test_training_curves_table_and_chart(scene):
+    curves = TrainingCurves(scene, "run")
+    curves.append(1, 0.9, None)
+    curves.append(2, 0.5, 0.61)
+    rows = curves.rows()
+    assert rows[0][:2] == (1.0, 0.9) and np.isnan(rows[0][2])
+    assert rows[1] == (2.0, 0.5, 0.61)
+    assert curves.chartNode.GetNumberOfPlotSeriesNodes() == 2
+    before = scene.GetNumberOfNodes()
+    curves.remove()
+    assert scene.GetNumberOfNodes() == before - 4
+
+
+# --- with the engine: inference and fine-tuning -------------------------------------------------
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path):
+    import torch
+    from hsam.build import build_hsam
+    from hsam.bundle import BundleMetadata, save_bundle
+    from hsam.preprocess import IntensityPreprocessing
+
+    torch.manual_seed(0)
+    model = build_hsam("tiny", num_classes=2, img_size=224).eval()
+    metadata = BundleMetadata(
+        preset="tiny",
+        img_size=224,
+        num_classes=2,
+        class_names=["liver", "kidney"],
+        class_colors=[(0.8, 0.3, 0.2), (0.1, 0.6, 0.9)],
+        label_values=[1, 2],
+        preprocessing=IntensityPreprocessing(mode="percentile").to_dict(),
+    )
+    return save_bundle(tmp_path / "tiny.hsam", model, metadata)
+
+
+@pytest.mark.slow
+def test_segment_matches_engine_output(volume_node, tiny_bundle):
+    from hsam.bundle import load_bundle
+    from hsam.inference import segment_volume
+
+    logic = HSAMSegmentLogic()
+    node = logic.segment(volume_node, tiny_bundle, device="cpu", batchSize=2)
+
+    model, metadata = load_bundle(tiny_bundle)
+    expected = segment_volume(model, mrml.volume_from_node(volume_node), metadata, device="cpu", batch_size=2).labels
+    labels, segments = mrml.labels_from_segmentation(node, volume_node)
+    assert [s.name for s in segments] == ["liver", "kidney"]
+    assert [s.name for s in segments_from_metadata(metadata)] == ["liver", "kidney"]
+    np.testing.assert_array_equal(labels, expected)  # label values 1, 2 in both
+
+
+@pytest.mark.slow
+def test_segment_cancelled_leaves_the_scene_unchanged(scene, volume_node, tiny_bundle):
+    cancel = threading.Event()
+    cancel.set()
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(Cancelled):
+        HSAMSegmentLogic().segment(volume_node, tiny_bundle, device="cpu", cancel=cancel)
+    assert scene.GetNumberOfNodes() == before
+
+
+@pytest.mark.slow
+def test_finetune_from_mrml_nodes_writes_a_bundle(volume_node, labels_and_segments, tmp_path):
+    from hsam.bundle import read_bundle_metadata
+    from hsam.training import FinetuneConfig
+
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments[:2], volume_node)
+    progress = []
+    config = FinetuneConfig(preset="tiny", img_size=224, epochs=1, batch_size=2, device="cpu")
+    path = HSAMTrainingLogic().finetune(
+        volume_node, node, "my model", config, progress=progress.append, modelsFolder=tmp_path
+    )
+    assert path == tmp_path / "my_model.hsam" and path.is_file()
+    metadata = read_bundle_metadata(path)
+    assert metadata.class_names == ["liver", "kidney"]
+    assert progress and progress[-1].fraction == pytest.approx(1.0)
+
+
+def test_finetune_refuses_segments_without_annotation(volume_node, labels_and_segments, tmp_path):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)  # spleen is empty
+    with pytest.raises(InputError, match="spleen"):
+        HSAMTrainingLogic().prepare(volume_node, node)
