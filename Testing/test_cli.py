@@ -18,6 +18,7 @@ from hsam import checkpoint
 from hsam.build import build_hsam
 from hsam.bundle import BundleMetadata, read_bundle_metadata, save_bundle
 from hsam.cli import main
+from hsam.metrics import dice_score, hausdorff95
 from hsam.preprocess import IntensityPreprocessing
 from phantom import phantom_arrays
 
@@ -196,7 +197,8 @@ def test_ctrl_c_exits_130_and_writes_nothing(files, tmp_path):
         stderr=subprocess.PIPE,
     )
     seen = bytearray()
-    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), b"")), daemon=True)
+    reader = threading.Thread(target=lambda: [seen.extend(byte) for byte in iter(lambda: process.stderr.read(1), b"")],
+                              daemon=True)
     reader.start()
     deadline = time.monotonic() + 60
     while b"slice " not in seen and process.poll() is None and time.monotonic() < deadline:
@@ -225,9 +227,10 @@ def test_finetune_saves_a_bundle_that_segments(files, tmp_path, capsys):
 
 def test_finetune_refuses_bad_labelmaps(files, tmp_path, capsys):
     output = tmp_path / "model.hsam"
-    other_grid = _write_image(tmp_path / "other_grid.nrrd", files["label_array"][:, :30])
+    far_origin = tuple(o + 500.0 for o in ORIGIN)  # a labelmap of another region: nothing to resample
+    other_grid = _write_image(tmp_path / "other_grid.nrrd", files["label_array"], origin=far_origin)
     code, _, err = run(["finetune", files["volume"], other_grid, "-o", output, "--epochs", "1"], capsys)
-    assert_one_line_error(code, err)
+    assert_one_line_error(code, err, "does not overlap")
 
     empty = _write_image(tmp_path / "empty.nrrd", np.zeros_like(files["label_array"]))
     code, _, err = run(["finetune", files["volume"], empty, "-o", output, "--epochs", "1"], capsys)
@@ -262,8 +265,10 @@ def test_evaluate_prints_and_writes_scores(files, tmp_path, capsys):
     rows = json.loads(scores.read_text())
     assert len(rows) == 2
     for row in rows:
-        assert 0.5 < row["dice"] < 1.0
-        assert row["hd95_mm"] == pytest.approx(2 * SPACING[0], abs=0.05)  # shifted by two voxels along x
+        truth, predicted = files["label_array"] == row["label"], shifted == row["label"]
+        assert row["dice"] == pytest.approx(dice_score(predicted, truth)) and 0.5 < row["dice"] < 1.0
+        assert row["hd95_mm"] == pytest.approx(hausdorff95(predicted, truth, SPACING))
+        assert 0.0 < row["hd95_mm"] <= 2 * SPACING[0] + 1e-6  # shifted by two voxels along x
     assert table.read_text().count("\n") == 3
     assert "Dice" in out
 

@@ -233,7 +233,7 @@ def test_segmentation_is_read_by_slicerio(tmp_path):
     for segment in SEGMENTS:
         assert read[segment.name]["labelValue"] == segment.label_value
         np.testing.assert_allclose(read[segment.name]["color"], segment.color)
-    assert slicerio.terminology_entry_to_string(read["liver"]["terminology"]) == LIVER
+    assert slicerio.segmentation.terminology_entry_to_string(read["liver"]["terminology"]) == LIVER
     assert "terminology" not in read["lesion"]
     np.testing.assert_array_equal(segmentation["voxels"].transpose(2, 1, 0), labels)  # pynrrd: (x, y, z)
     np.testing.assert_allclose(segmentation["ijkToLPS"], volume.index_to_physical, atol=1e-6)
@@ -319,13 +319,15 @@ def test_existing_file_needs_overwrite(tmp_path):
     write_labelmap(path, labels, volume)
     with pytest.raises(InputError, match="already exists"):
         write_labelmap(path, np.zeros_like(labels), volume)
+    segmentation = tmp_path / "labels.seg.nrrd"
+    write_segmentation(segmentation, labels, volume, SEGMENTS)
     with pytest.raises(InputError, match="already exists"):
-        write_segmentation(tmp_path / "labels.nrrd", labels, volume, SEGMENTS)
+        write_segmentation(segmentation, np.zeros_like(labels), volume, SEGMENTS)
     np.testing.assert_array_equal(read_labelmap(path)[0], labels)  # untouched
 
     write_labelmap(path, np.zeros_like(labels), volume, overwrite=True)
     assert not read_labelmap(path)[0].any()
-    assert os.listdir(tmp_path) == ["labels.nrrd"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["labels.nrrd", "labels.seg.nrrd"]  # no temporary file left
 
 
 def test_missing_or_unwritable_folder(tmp_path):

@@ -29,7 +29,7 @@ def module_files(folder: Path, pattern: str) -> set[str]:
 @pytest.mark.parametrize("module", MODULES)
 def test_every_python_file_and_resource_is_listed(module):
     folder = ROOT / module
-    cmake = (folder / "CMakeLists.txt").read_text()
+    cmake = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = {s.replace("${MODULE_NAME}", module) for s in cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")}
     resources = {s.replace("${MODULE_NAME}", module) for s in cmake_list(cmake, "MODULE_PYTHON_RESOURCES")}
 
@@ -44,12 +44,12 @@ def test_every_python_file_and_resource_is_listed(module):
 
 
 def test_engine_and_slicer_logic_ship_inside_the_segment_module():
-    scripts = cmake_list((ROOT / "HSAMSegment" / "CMakeLists.txt").read_text(), "MODULE_PYTHON_SCRIPTS")
+    scripts = cmake_list((ROOT / "HSAMSegment" / "CMakeLists.txt").read_text(encoding="utf-8"), "MODULE_PYTHON_SCRIPTS")
     assert "hsam/__init__.py" in scripts and "HSAMLib/__init__.py" in scripts
 
 
 def test_top_level_cmake_adds_both_modules():
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"project\(HSAM\)", cmake)
     for module in MODULES:
         assert f"add_subdirectory({module})" in cmake
@@ -63,7 +63,7 @@ def test_top_level_cmake_adds_both_modules():
 
 def test_s4ext_has_the_fields_the_extensions_index_requires():
     fields = {}
-    for line in (ROOT / "HSAM.s4ext").read_text().splitlines():
+    for line in (ROOT / "HSAM.s4ext").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition(" ")
             fields[key] = value.strip()
@@ -83,7 +83,7 @@ def ui_widgets(module: str) -> dict[str, ET.Element]:
 def names_looked_up(source: Path) -> set[str]:
     """Attribute names of every ``self.ui.<name>`` in a module file."""
     names = set()
-    for node in ast.walk(ast.parse(source.read_text())):
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if (
             isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Attribute)
@@ -105,7 +105,7 @@ def test_ui_defines_every_widget_the_module_uses(module):
 
 
 def parameter_fields(source: Path, class_name: str) -> set[str]:
-    tree = ast.parse(source.read_text())
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
 
@@ -139,7 +139,7 @@ def test_module_icon_is_128_pixels(module):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_file_imports_qt_only_inside_functions(module):
-    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text(encoding="utf-8"))
     top_level = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -152,7 +152,7 @@ def test_module_file_imports_qt_only_inside_functions(module):
 def test_slicer_logic_never_imports_qt():
     for path in (ROOT / "HSAMSegment" / "HSAMLib").glob("*.py"):
         imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
@@ -172,7 +172,7 @@ def test_every_third_party_import_of_the_engine_is_a_checked_dependency():
     provided = {r.module for r in dependencies.all_requirements()} | {"numpy"}  # numpy ships with Slicer
     imported = set()
     for path in (ROOT / "HSAMSegment" / "hsam").rglob("*.py"):
-        for node in ast.parse(path.read_text()).body:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

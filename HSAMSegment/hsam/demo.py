@@ -54,7 +54,7 @@ class DemoResult:
         """The scores as aligned text."""
         lines = [f"{'class':<14}{'method':<22}{'Dice':>7}{'HD95 mm':>10}"]
         for row in self.scores:
-            lines.append(f"{row['class']:<14}{row['method']:<22}{row['dice']:>7.3f}{row['hd95_mm']:>10.2f}")
+            lines.append(f"{row['class']:<14}{row['method']:<22}{row['dice']:>7.3f}{_mm(row['hd95_mm']):>10}")
         return "\n".join(lines)
 
 
@@ -81,6 +81,11 @@ def brain_labels(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
     labels[(gm > 0.5) & (gm >= wm)] = 1
     labels[(wm > 0.5) & (wm > gm)] = 2
     return labels
+
+
+def _mm(value: Optional[float], decimals: int = 2) -> str:
+    """A distance for tables; "-" when undefined (one of the masks is empty)."""
+    return "-" if value is None else f"{value:.{decimals}f}"
 
 
 def nearest_slice_copy(labels: np.ndarray, annotated: list[int]) -> np.ndarray:
@@ -256,7 +261,7 @@ def run_demo(
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=["class", "method", "dice", "hd95_mm"], lineterminator="\n")
     writer.writeheader()
-    writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": f"{r['hd95_mm']:.3f}"} for r in scores)
+    writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": _mm(r["hd95_mm"], 3)} for r in scores)
     _write_atomic(files["scores"], text.getvalue().encode())
 
     demo = DemoResult(out_dir, files, scores, annotated, evaluated, result.metadata.training, time.monotonic() - started)

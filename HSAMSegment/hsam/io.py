@@ -221,7 +221,9 @@ def _check_scalar_3d(image: sitk.Image, name: str) -> None:
         raise InputError(f"{name} is a {dimension}D image; HSAM needs a 3D volume (split time series first)")
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
-        raise InputError(f"{name} has {components} components per voxel (vector/colour image); HSAM needs one")
+        raise InputError(
+            f"{name} has {components} components per voxel (a vector, colour or 4D image); HSAM needs a scalar 3D volume"
+        )
 
 
 def _integer_labels(array: np.ndarray, name: str) -> np.ndarray:
@@ -308,15 +310,18 @@ def _place_on_grid(
         return labels
     offset = _lattice_offset(source, reference)
     if offset is not None:
-        return _paste(labels, offset, reference.array.shape)
-    if not resample:
+        placed = _paste(labels, offset, reference.array.shape)
+    elif not resample:
         raise InputError(f"{name} is not on the volume's grid ({difference}); resample it first")
-    source_image = source.to_sitk()
-    resampled = sitk.Resample(
-        source_image, reference.to_sitk(np.zeros(reference.array.shape, np.uint8)),
-        sitk.Transform(), sitk.sitkNearestNeighbor, 0, source_image.GetPixelID(),
-    )
-    return sitk.GetArrayFromImage(resampled)
+    else:
+        source_image = source.to_sitk()
+        placed = sitk.GetArrayFromImage(sitk.Resample(
+            source_image, reference.to_sitk(np.zeros(reference.array.shape, np.uint8)),
+            sitk.Transform(), sitk.sitkNearestNeighbor, 0, source_image.GetPixelID(),
+        ))
+    if labels.any() and not placed.any():
+        raise InputError(f"{name} does not overlap the volume ({difference})")
+    return placed
 
 
 def _lattice_offset(source: Volume, reference: Volume, tol: float = GEOMETRY_TOLERANCE) -> Optional[np.ndarray]:
