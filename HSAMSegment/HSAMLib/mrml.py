@@ -18,9 +18,9 @@ from vtk.util import numpy_support
 
 from hsam.errors import InputError
 from hsam.io import Segment, Volume
+from hsam.preprocess import SLICE_AXES
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 # Label value a segment had in the engine's labelmap; kept so that exported labelmaps reuse it.
 LABEL_VALUE_TAG = "HSAM.LabelValue"
 

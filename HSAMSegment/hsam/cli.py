@@ -325,7 +325,7 @@ def _demo(args: argparse.Namespace) -> None:
     with _ProgressBar("demo") as bar:
         result = run_demo(
             args.out, sam_checkpoint=args.sam_checkpoint, epochs=args.epochs, time_budget=args.time_budget,
-            device=args.device, progress=bar, img_size=args.img_size,
+            device=args.device, progress=bar, img_size=args.img_size, cmattn=args.cmattn, seed=args.seed,
         )
     print(result.table())
     print(f"files written to {Path(args.out).resolve()}")
@@ -343,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hsam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def seed_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=2345, help="random seed of the fine-tuning (default: 2345, the authors')")
+
+    def cmattn_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
+                       help="CMAttn variant: reference = the authors' code (default), paper = as the paper describes it")
 
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=DEVICES,
@@ -403,9 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
                    help="slicing direction (default: axial)")
     device_option(p)
-    p.add_argument("--seed", type=int, default=2345, help="random seed (default: 2345, the authors')")
-    p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
-                   help="CMAttn variant: reference = the authors' code (default), paper = as described in the paper")
+    seed_option(p)
+    cmattn_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     p.set_defaults(run=_finetune)
 
@@ -450,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training time limit (default on a CPU: 240 s)")
     p.add_argument("--img-size", type=int, choices=(224, 256, 512, 1024),
                    help="network input size (default: 256 for tiny, 512 for vit_b)")
+    cmattn_option(p)
+    seed_option(p)
     device_option(p)
     p.set_defaults(run=_demo)
     return parser

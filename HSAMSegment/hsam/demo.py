@@ -178,12 +178,15 @@ def run_demo(
     cancel: Optional[threading.Event] = None,
     img_size: Optional[int] = None,
     annotate_every: int = ANNOTATE_EVERY,
+    cmattn: str = "reference",
+    seed: int = 2345,
 ) -> DemoResult:
     """Run the demo and write its files into ``out_dir`` (created; existing demo files replaced).
 
     Without ``sam_checkpoint`` the ``tiny`` preset trains from scratch (on a CPU for at most
     ``CPU_TIME_BUDGET`` seconds unless ``epochs``/``time_budget`` say otherwise); with it, SAM
-    ViT-B is fine-tuned. ``progress(fraction, message)``; ``cancel`` stops it before anything is written.
+    ViT-B is fine-tuned. ``cmattn``: "reference" or "paper" (see docs/model.md); ``seed`` makes the
+    run repeatable. ``progress(fraction, message)``; ``cancel`` stops it before anything is written.
     """
     from .bundle import save_bundle
     from .inference import segment_volume, select_device
@@ -217,6 +220,8 @@ def run_demo(
         slices=annotated,
         preprocessing=IntensityPreprocessing(mode="percentile"),
         device=str(torch_device),
+        cmattn=cmattn,
+        seed=seed,
     )
 
     def on_step(p) -> None:
@@ -228,7 +233,7 @@ def run_demo(
     report(0.8, "segmenting the whole volume")
     predicted = segment_volume(
         result.model, volume, result.metadata, device=torch_device,
-        progress=lambda f, m: report(0.8 + 0.15 * f, f"segmenting: {m}"), cancel=cancel,
+        progress=lambda f, m: report(min(0.8 + 0.15 * f, 0.95), f"segmenting: {m}"), cancel=cancel,
     ).labels
     if cancel is not None and cancel.is_set():
         raise Cancelled("demo cancelled")
