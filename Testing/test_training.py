@@ -98,6 +98,23 @@ def test_a_seed_makes_training_reproducible(phantom):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+def test_checkpointing_keeps_the_losses_and_bf16_trains(phantom):
+    volume, labels, segments = phantom
+    annotated = every_nth_annotated(labels, 10)
+    losses = {}
+    for checkpointing in (False, True):
+        result = finetune(volume, labels, segments,
+                          quick_config(slices=annotated, epochs=3, gradient_checkpointing=checkpointing))
+        assert result.model.image_encoder.gradient_checkpointing is checkpointing
+        losses[checkpointing] = [r["loss"] for r in result.history]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+    bf16 = finetune(volume, labels, segments, quick_config(slices=annotated, epochs=3, precision="bf16"))
+    bf16_losses = [r["loss"] for r in bf16.history]
+    assert np.isfinite(bf16_losses).all() and bf16_losses != losses[False]
+    assert all(v.dtype == torch.float32 for v in bf16.model.state_dict().values() if v.is_floating_point())
+
+
 def test_resume_continues_the_saved_run(phantom, tmp_path):
     volume, labels, segments = phantom
     annotated = every_nth_annotated(labels, 10)

@@ -208,6 +208,8 @@ def _finetune(args: argparse.Namespace) -> None:
         device=args.device,
         seed=args.seed,
         cmattn=args.cmattn,
+        precision=args.precision,
+        gradient_checkpointing=args.checkpointing,
     )
     main_process = is_main_process()
     with _ProgressBar("fine-tuning", enabled=main_process) as bar:
@@ -410,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
                    help="slicing direction (default: axial)")
     device_option(p)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision of the training steps; auto: bf16 (or fp16) on CUDA, else fp32")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation checkpointing of the image encoder: less memory, more time "
+                   "(default: on for vit_* on CUDA)")
     seed_option(p)
     cmattn_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")

@@ -74,10 +74,13 @@ class HSAM(nn.Module):
     def forward(self, images: Tensor, labels: Optional[Tensor] = None) -> HSAMOutput:
         """images: (B, 3, S, S) float in [0, 1] (a slice repeated to 3 channels, no mean/std);
         labels: (B, S, S) class indices, used only in training by the ``paper`` CMAttn."""
-        b, _, s, _ = images.shape
         if images.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected images of size {self.img_size}, got {tuple(images.shape[-2:])}")
-        embeddings = self.image_encoder(images)
+        return self.decode(self.image_encoder(images), labels)
+
+    def decode(self, embeddings: Tensor, labels: Optional[Tensor] = None) -> HSAMOutput:
+        """Both decoding stages from image embeddings (B, C, S/16, S/16); labels as in ``forward``."""
+        b, s = embeddings.shape[0], self.img_size
         image_pe = self.prompt_encoder.get_dense_pe()
         dense = self.prompt_encoder.dense_embeddings(b)
 
