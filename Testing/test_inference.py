@@ -253,3 +253,15 @@ def test_precision_resolution():
     assert resolve_precision("fp16", cpu) is torch.float16
     assert resolve_precision("auto", cpu) is (torch.bfloat16 if cpu_supports_bf16() else None)
     assert resolve_precision("auto", torch.device("mps")) is None
+
+
+@pytest.mark.parametrize("channels", [2, 9, 300])
+def test_class_indices_equal_argmax_first_on_ties(channels):
+    from hsam.inference import class_indices
+
+    generator = torch.Generator().manual_seed(channels)
+    logits = torch.randn(2, channels, 5, 7, generator=generator).round(decimals=1)  # rounding makes ties
+    logits[:, :, 0, 0] = 1.0  # a tie across every class: the first wins
+    indices = class_indices(logits)
+    assert indices.dtype == (torch.uint8 if channels <= 256 else torch.int32)
+    torch.testing.assert_close(indices.long(), logits.argmax(dim=1), rtol=0, atol=0)
