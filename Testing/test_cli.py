@@ -262,19 +262,19 @@ def test_evaluate_prints_and_writes_scores(files, tmp_path, capsys):
     table = tmp_path / "scores.csv"
     code, out, _ = run(["evaluate", prediction, files["labels"], "--json", scores, "--csv", table], capsys)
     assert code == 0
-    rows = json.loads(scores.read_text())
+    rows = json.loads(scores.read_text(encoding="utf-8"))
     assert len(rows) == 2
     for row in rows:
         truth, predicted = files["label_array"] == row["label"], shifted == row["label"]
         assert row["dice"] == pytest.approx(dice_score(predicted, truth)) and 0.5 < row["dice"] < 1.0
         assert row["hd95_mm"] == pytest.approx(hausdorff95(predicted, truth, SPACING))
         assert 0.0 < row["hd95_mm"] <= 2 * SPACING[0] + 1e-6  # shifted by two voxels along x
-    assert table.read_text().count("\n") == 3
+    assert table.read_text(encoding="utf-8").count("\n") == 3
     assert "Dice" in out
 
     code, _, _ = run(["evaluate", files["labels"], files["labels"], "--json", tmp_path / "same.json"], capsys)
     assert code == 0
-    assert all(row["dice"] == 1.0 for row in json.loads((tmp_path / "same.json").read_text()))
+    assert all(row["dice"] == 1.0 for row in json.loads((tmp_path / "same.json").read_text(encoding="utf-8")))
 
 
 def test_info_describes_a_bundle(files, capsys):
@@ -321,13 +321,13 @@ def test_download_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_module_entry_point_and_help():
-    result = subprocess.run([sys.executable, "-m", "hsam", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "hsam", "--help"], capture_output=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0
     for command in ("segment", "finetune", "evaluate", "info", "download", "demo"):
         assert command in result.stdout
-    result = subprocess.run([sys.executable, "-m", "hsam", "segment", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "hsam", "segment", "--help"], capture_output=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0 and ".seg.nrrd" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "hsam", "segment"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "hsam", "segment"], capture_output=True, encoding="utf-8", timeout=60)
     assert result.returncode == 2 and "required" in result.stderr
 
 

@@ -39,10 +39,10 @@ TRAIN_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_two_process_training_gives_one_loadable_model(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(TRAIN_SCRIPT.format(testing=str(TESTING_DIR)))
+    script.write_text(TRAIN_SCRIPT.format(testing=str(TESTING_DIR)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
     model, metadata = load_bundle(tmp_path / "ddp.hsam")
@@ -51,7 +51,7 @@ def test_two_process_training_gives_one_loadable_model(tmp_path):
     # 14 labelled slices: 2 held out for validation, 12 shared by 2 processes in batches of 2.
     assert len(training["validation_slices"]) == 2 and len(training["slices"]) == 12
     assert training["steps"] == 2 * 3
-    assert len(json.loads((tmp_path / "history.json").read_text())) == 2
+    assert len(json.loads((tmp_path / "history.json").read_text(encoding="utf-8"))) == 2
     assert model.num_classes == 3
 
     # Gradients were averaged across processes: both end with the same weights.

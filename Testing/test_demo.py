@@ -71,5 +71,5 @@ def test_demo_writes_every_file(tmp_path):
 
     width, height = read_png_size(result.files["overlay"])
     assert height == 2 * 233 + 2 and width == 4 * 197 + 3 * 2
-    assert "Fonov" in result.files["readme"].read_text()
+    assert "Fonov" in result.files["readme"].read_text(encoding="utf-8")
     assert "Dice" in result.table()

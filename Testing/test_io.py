@@ -252,7 +252,7 @@ def test_segmentation_round_trip(tmp_path):
 def test_segmentation_with_slicer(tmp_path, scene):
     """3D Slicer's own storage node reads our file; the file it writes back (cropped to the
     segments' extent) is placed on the volume grid again."""
-    slicer = pytest.importorskip("slicer")
+    pytest.importorskip("slicer")
     vtk = pytest.importorskip("vtk")
     volume, labels = make_volume(), make_labels()
     write_segmentation(tmp_path / "ours.seg.nrrd", labels, volume, SEGMENTS)

@@ -65,7 +65,7 @@ def update_docs(section: str, command: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- section -->`` markers in docs/performance.md."""
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{start}\n## {section}\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n{body}\n{end}"
-    text = DOCS.read_text() if DOCS.exists() else "# HSAM performance\n\nFigures written by the scripts in `benchmarks/`.\n"
+    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# HSAM performance\n\nFigures written by the scripts in `benchmarks/`.\n"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
+    DOCS.write_text(text, encoding="utf-8")

@@ -26,7 +26,7 @@ class Requirement:
 def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[Requirement]:
     """Pip requirements in ``path``; each line may name its import module after ``# import:``."""
     requirements = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         spec, _, comment = line.partition("#")
         spec = spec.strip()
         if not spec:

@@ -19,6 +19,7 @@ from . import __version__
 from .build import PRESETS, build_hsam
 from .checkpoint import SAM_CHECKPOINTS, default_cache_dir, load_sam_weights
 from .errors import CheckpointError, InputError
+from .io import write_atomic
 from .modeling.hsam import HSAM
 
 PathLike = Union[str, os.PathLike]
@@ -98,13 +99,7 @@ def save_bundle(path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite
     finally:
         for adapter in merged:
             adapter.merge()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
     return path
 
 

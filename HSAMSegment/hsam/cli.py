@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .errors import HSAMError, InputError
+from .io import write_atomic
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -43,18 +44,6 @@ def _check_output(path: Path, overwrite: bool, allowed: Sequence[str], what: str
         raise InputError(f"folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"folder {folder} is not writable")
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary path)`` in the same folder, then rename onto ``path``."""
-    temporary = path.with_name(f".{os.getpid()}.tmp.{path.name}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as e:  # SimpleITK reports failed writes as RuntimeError
-        raise InputError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from e
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class _ProgressBar:
@@ -172,7 +161,7 @@ def _write_probabilities(path: Path, probabilities, volume) -> None:
         image.SetDirection([float(d) for d in volume.direction])
         sitk.WriteImage(image, str(temporary), useCompression=True)
 
-    _write_atomic(path, write)
+    write_atomic(path, write, overwrite=True)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -237,9 +226,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         hd95 = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.2f}"
         print(f"{row['name']:<24} {row['label']:>5} {row['dice']:>7.4f} {hd95:>9}")
     if args.json is not None:
-        _write_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n"))
+        write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8"), overwrite=True)
     if args.csv is not None:
-        _write_atomic(Path(args.csv), lambda tmp: tmp.write_text(_csv(rows)))
+        write_atomic(args.csv, lambda tmp: tmp.write_text(_csv(rows), encoding="utf-8"), overwrite=True)
 
 
 def _csv(rows: list[dict]) -> str:

@@ -88,6 +88,12 @@ def _mm(value: Optional[float], decimals: int = 2) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
 
+def _write_bytes(path: Path, payload: bytes) -> None:
+    from .io import write_atomic
+
+    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
+
+
 def nearest_slice_copy(labels: np.ndarray, annotated: list[int]) -> np.ndarray:
     """Baseline: every axial slice takes the labels of the nearest annotated slice."""
     source = np.asarray(annotated)
@@ -115,17 +121,7 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
     raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    _write_atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+    _write_bytes(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
 def overlay_image(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, slices: list[int], anterior_up: bool) -> np.ndarray:
@@ -267,9 +263,9 @@ def run_demo(
     writer = csv.DictWriter(text, fieldnames=["class", "method", "dice", "hd95_mm"], lineterminator="\n")
     writer.writeheader()
     writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": _mm(r["hd95_mm"], 3)} for r in scores)
-    _write_atomic(files["scores"], text.getvalue().encode())
+    _write_bytes(files["scores"], text.getvalue().encode())
 
     demo = DemoResult(out_dir, files, scores, annotated, evaluated, result.metadata.training, time.monotonic() - started)
-    _write_atomic(files["readme"], _readme(demo, preset).encode())
+    _write_bytes(files["readme"], _readme(demo, preset).encode())
     report(1.0, f"done in {demo.seconds:.0f} s")
     return demo

@@ -358,7 +358,7 @@ def write_volume(path: PathLike, volume: Volume, overwrite: bool = False) -> Non
     path = Path(path)
     _check_suffix(path, VOLUME_SUFFIXES, "volume")
     image = volume.to_sitk()
-    _write_atomic(path, overwrite, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+    write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite)
 
 
 def write_labelmap(path: PathLike, labels: np.ndarray, reference: Volume, overwrite: bool = False) -> None:
@@ -367,7 +367,7 @@ def write_labelmap(path: PathLike, labels: np.ndarray, reference: Volume, overwr
     path = Path(path)
     _check_suffix(path, LABELMAP_SUFFIXES, "labelmap")
     image = reference.to_sitk(_labels_for_writing(labels, reference))
-    _write_atomic(path, overwrite, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+    write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite)
 
 
 def write_segmentation(
@@ -394,7 +394,7 @@ def write_segmentation(
     image = reference.to_sitk(array)
     for key, value in _segmentation_metadata(segments, reference).items():
         image.SetMetaData(key, value)
-    _write_atomic(path, overwrite, lambda temporary: sitk.WriteImage(image, str(temporary), True))
+    write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite)
 
 
 def write_output(
@@ -458,8 +458,11 @@ def _check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
         raise InputError(f"{path.name}: a {what} file must end with one of {', '.join(suffixes)}")
 
 
-def _write_atomic(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Check ``path``'s folder and existence, ``write`` a temporary file beside it, then rename it."""
+def write_atomic(path: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Check ``path``'s folder and existence, call ``write(temporary path)`` for a file beside it (with
+    the same suffix, so that SimpleITK picks the format), then rename it onto ``path``. A failed write
+    leaves nothing behind and raises ``InputError``."""
+    path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder not found: {parent}")

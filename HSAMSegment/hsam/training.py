@@ -42,6 +42,7 @@ from .bundle import BundleMetadata, default_color, load_bundle
 from .checkpoint import SAM_CHECKPOINTS, identify_sam_checkpoint, load_sam_weights, sha256_file
 from .errors import Cancelled, CheckpointError, InputError
 from .inference import resolve_precision, select_device
+from .io import write_atomic
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
@@ -364,13 +365,7 @@ def save_training_state(path: PathLike, state: TrainingState) -> Path:
     if not path.parent.is_dir():
         raise InputError(f"folder {path.parent} does not exist")
     payload = save({k: v.contiguous() for k, v in state.tensors.items()}, {STATE_KEY: json.dumps(state.info)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
     return path
 
 
