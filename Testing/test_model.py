@@ -197,3 +197,41 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     plain = grad()
     model.image_encoder.gradient_checkpointing = True
     torch.testing.assert_close(grad(), plain)
+
+
+def test_encoder_equals_segment_anything_with_padded_windows() -> None:
+    """Windowed blocks whose grid is not a multiple of the window (16 tokens, window 7 -> padded to 21)
+    give segment-anything's outputs and the same gradients, LoRA included."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    from hsam.modeling.image_encoder import ImageEncoder
+    from hsam.modeling.lora import add_lora
+
+    kwargs = dict(img_size=256, patch_size=16, embed_dim=64, depth=3, num_heads=4, out_chans=32, qkv_bias=True,
+                  use_rel_pos=True, window_size=7, global_attn_indexes=(1,))
+    torch.manual_seed(0)
+    theirs = ImageEncoderViT(**kwargs)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "rel_pos" in name or "qkv.bias" in name or "pos_embed" in name:
+                parameter.normal_(0, 0.5)
+    ours = ImageEncoder(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.rand(2, 3, 256, 256)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+    for model in (theirs, ours):
+        add_lora(model, rank=2)
+        for adapter in (b.attn.qkv for b in model.blocks):
+            adapter.qkv.requires_grad_(True)
+            torch.manual_seed(1)
+            adapter.reset_parameters()
+            torch.nn.init.normal_(adapter.b_v.weight, 0, 0.1)
+    gradients = []
+    for model in (theirs, ours):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and any("qkv.qkv.bias" in n for n in gradients[1])
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-4, atol=1e-6, msg=name)
