@@ -33,7 +33,9 @@ def _unpartition(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Te
     hp, wp = -(-h // window) * window, -(-w // window) * window
     c = windows.shape[-1]
     x = windows.reshape(-1, hp // window, wp // window, window, window, c).transpose(2, 3)
-    return x.reshape(-1, hp, wp, c)[:, :h, :w]
+    x = x.reshape(-1, hp, wp, c)
+    # contiguous: a Linear on a strided 4D input takes a batched-matmul path that copies its weight per row.
+    return x[:, :h, :w].contiguous() if (hp, wp) != (h, w) else x
 
 
 class RelPosSDPAttention(Attention):
