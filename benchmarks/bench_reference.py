@@ -3,9 +3,10 @@
     python benchmarks/bench_reference.py --reference /path/to/H-SAM [--preset vit_b] [--img-size 512] [--update-docs]
     python benchmarks/bench_reference.py              # ours alone
 
-``--reference`` is a checkout of github.com/Cccccczh404/H-SAM (read there, never copied here). Every
-configuration runs in its own process, so its peak memory is its own; ratios are ours / the
-reference's from the same invocation. The agreement check builds the reference with random weights
+``--reference`` is a checkout of github.com/Cccccczh404/H-SAM (read there, never copied here). Peak
+memory is measured with each configuration alone in its own process; times with ours and the
+reference taking turns in one process (best of ``--repeats`` each, so that the ratio is not skewed by
+the machine's load drifting between runs); the ratio is ours / the reference's. The agreement check builds the reference with random weights
 (LoRA B non-zero), converts its ``state_dict()`` with ``hsam.from_reference_state_dict`` and runs both
 on axial slices of a real volume (the MNI152 template that ships in nilearn): relative error of the
 logits in float32; then, with our decoders fitted to grey/white matter for a few steps (random logits
@@ -19,7 +20,7 @@ import json
 import sys
 import types
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -82,8 +83,8 @@ def build(which: str, args: argparse.Namespace) -> torch.nn.Module:
     return build_hsam(args.preset, num_classes=NUM_CLASSES, img_size=args.img_size)
 
 
-def measure(which: str, mode: str, precision: str, batch: int, args: argparse.Namespace) -> dict:
-    """Seconds per slice (forward) or per optimiser step (train) and peak RSS of one configuration."""
+def make_step(which: str, mode: str, precision: str, batch: int, args: argparse.Namespace) -> Callable[[], None]:
+    """One forward pass (inference mode, LoRA merged for ours) or one optimiser step of ``which``."""
     from hsam.loss import HSAMLoss
 
     model = build(which, args)
@@ -95,31 +96,53 @@ def measure(which: str, mode: str, precision: str, batch: int, args: argparse.Na
         if which == "ours":
             model.merge_lora()
 
-        def step() -> None:
+        def forward() -> None:
             with torch.inference_mode(), autocast:
                 model(images) if which == "ours" else reference_forward(model, images)
 
-        seconds = best_of(step, repeats=args.repeats) / batch
-    else:
-        model.train()
-        if which == "ours":
-            model.image_encoder.gradient_checkpointing = args.checkpointing
-        labels = torch.randint(0, NUM_CLASSES + 1, (batch, args.img_size, args.img_size))
-        low_res = labels[:, ::4, ::4].contiguous()
-        loss_fn = HSAMLoss()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+        return forward
 
-        def step() -> None:
-            with autocast:
-                output = model(images, labels) if which == "ours" else reference_forward(model, images, low_res)
-                loss, _ = loss_fn(output, labels, epoch=0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    model.train()
+    if which == "ours":
+        model.image_encoder.gradient_checkpointing = args.checkpointing
+    labels = torch.randint(0, NUM_CLASSES + 1, (batch, args.img_size, args.img_size))
+    low_res = labels[:, ::4, ::4].contiguous()
+    loss_fn = HSAMLoss()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
 
-        seconds = best_of(step, repeats=max(1, args.repeats - 1))
-    return {"which": which, "mode": mode, "precision": precision, "batch": batch, "seconds": seconds,
-            "peak_gib": peak_rss_gib()}
+    def train_step() -> None:
+        with autocast:
+            output = model(images, labels) if which == "ours" else reference_forward(model, images, low_res)
+            loss, _ = loss_fn(output, labels, epoch=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return train_step
+
+
+def per_unit(seconds: float, mode: str, batch: int) -> float:
+    """Seconds per slice for forward passes, per optimiser step for training."""
+    return seconds / batch if mode == "forward" else seconds
+
+
+def measure(which: str, mode: str, precision: str, batch: int, args: argparse.Namespace) -> dict:
+    """Time and peak RSS of one configuration alone in this process."""
+    step = make_step(which, mode, precision, batch, args)
+    seconds = best_of(step, repeats=args.repeats)
+    return {"seconds": per_unit(seconds, mode, batch), "peak_gib": peak_rss_gib()}
+
+
+def paired(mode: str, precision: str, batch: int, args: argparse.Namespace) -> dict:
+    """Ours (at ``precision``) and the reference (float32) timed in turns in one process, so that the
+    ratio is not skewed by the machine's load drifting between runs; the best of each is kept."""
+    steps = {"ours": make_step("ours", mode, precision, batch, args),
+             "reference": make_step("reference", mode, "fp32", batch, args)}
+    best = {which: best_of(step, repeats=1) for which, step in steps.items()}  # includes one warm-up call
+    for _ in range(args.repeats - 1):
+        for which, step in steps.items():
+            best[which] = min(best[which], best_of(step, repeats=1, warmup=0))
+    return {which: per_unit(seconds, mode, batch) for which, seconds in best.items()}
 
 
 def real_slices(img_size: int, fractions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,35 +218,43 @@ def main() -> None:
     parser.add_argument("--reference", help="checkout of the authors' H-SAM repository")
     parser.add_argument("--preset", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
     parser.add_argument("--img-size", type=int, default=512, choices=(224, 512))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="timed calls of each configuration (best kept)")
     parser.add_argument("--fit-steps", type=int, default=60, help="decoder training steps before the bf16 agreement")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our training step")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/performance.md")
     parser.add_argument("--one", nargs=4, metavar=("WHICH", "MODE", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired", nargs=3, metavar=("MODE", "PRECISION", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--agreement", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         which, mode, precision, batch = args.one
         print(json.dumps(measure(which, mode, precision, int(batch), args)))
         return
+    if args.paired:
+        mode, precision, batch = args.paired
+        print(json.dumps(paired(mode, precision, int(batch), args)))
+        return
     if args.agreement:
         print(json.dumps(agreement(args)))
         return
 
-    common = ["--preset", args.preset, "--img-size", str(args.img_size), "--repeats", str(args.repeats),
-              "--fit-steps", str(args.fit_steps)]
+    common = ["--preset", args.preset, "--img-size", str(args.img_size), "--fit-steps", str(args.fit_steps)]
     common += ["--reference", args.reference] if args.reference else []
     common += ["--checkpointing"] if args.checkpointing else []
     rows = []
     for mode, precision, batch in CONFIGURATIONS:
         row = {"mode": mode, "precision": precision, "batch": batch}
-        ours = run_isolated(Path(__file__), [*common, "--one", "ours", mode, precision, str(batch)])
-        row.update(ours_s=ours["seconds"], ours_peak_gib=ours["peak_gib"])
+        one = [*common, "--repeats", "1", "--one"]
+        row["ours_peak_gib"] = run_isolated(Path(__file__), [*one, "ours", mode, precision, str(batch)])["peak_gib"]
         if args.reference:
             # The reference always runs in float32: it is the baseline every precision of ours is compared with.
-            ref = run_isolated(Path(__file__), [*common, "--one", "reference", mode, "fp32", str(batch)])
-            row.update(reference_s=ref["seconds"], reference_peak_gib=ref["peak_gib"],
-                       ratio=ours["seconds"] / ref["seconds"])
+            row["reference_peak_gib"] = run_isolated(Path(__file__), [*one, "reference", mode, "fp32", str(batch)])["peak_gib"]
+            times = run_isolated(Path(__file__), [*common, "--repeats", str(args.repeats), "--paired", mode, precision,
+                                                  str(batch)])
+            row.update(ours_s=times["ours"], reference_s=times["reference"], ratio=times["ours"] / times["reference"])
+        else:
+            row["ours_s"] = run_isolated(Path(__file__), [*common, "--repeats", str(args.repeats), "--one", "ours", mode,
+                                                          precision, str(batch)])["seconds"]
         rows.append(row)
         print(row, flush=True)
     columns = ["mode", "precision", "batch", "ours_s", "ours_peak_gib"]
