@@ -55,6 +55,8 @@ def load_reference(reference_dir: str, vit: str, img_size: int) -> torch.nn.Modu
         for key in [k for k in sys.modules if is_segment_anything(k)]:
             del sys.modules[key]
         sys.modules.update(installed)
+    if not torch.cuda.is_available():  # their training forward moves its noise with .cuda()
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
     torch.manual_seed(0)
     sam, _ = sam_model_registry[vit](image_size=img_size, num_classes=NUM_CLASSES, pixel_mean=[0, 0, 0], pixel_std=[1, 1, 1])
     model = LoRA_Sam(sam, 5)

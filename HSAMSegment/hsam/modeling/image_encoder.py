@@ -38,6 +38,13 @@ def _unpartition(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Te
     return x[:, :h, :w].contiguous() if (hp, wp) != (h, w) else x
 
 
+def _key_positions(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(h + w, h·w): column (y, x) is one at row y and at row h + x."""
+    rows = torch.eye(h, dtype=dtype, device=device).repeat_interleave(w, dim=0)
+    columns = torch.eye(w, dtype=dtype, device=device).repeat(h, 1)
+    return torch.cat([rows, columns], dim=1).T
+
+
 class RelPosSDPAttention(Attention):
     def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C); ``window`` > 0: attention within window × window tiles."""
@@ -59,7 +66,10 @@ class RelPosSDPAttention(Attention):
             r_q = q.reshape(b, self.num_heads, h, w, -1)
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+            # bias[i, (h2, w2)] = rel_h[i, h2] + rel_w[i, w2], written by one matmul with 0/1 key codes
+            # (exact: two non-zero terms) instead of a broadcast add and a copy of the (h·w)² tensor.
+            rel = torch.cat([rel_h, rel_w], dim=-1).reshape(b, self.num_heads, h * w, h + w)
+            bias = rel @ _key_positions(h, w, rel.dtype, rel.device)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return x.transpose(1, 2).reshape(b, h, w, -1)
 
