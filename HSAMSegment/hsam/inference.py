@@ -238,7 +238,9 @@ def segment_volume(
         probabilities = np.zeros((metadata.num_classes + 1, *array.shape), dtype=np.float16)
         probabilities[0] = 1.0  # slices outside the range are background
         probabilities_slices = np.moveaxis(probabilities, axis + 1, 1)
-    image_slices = np.moveaxis(IntensityPreprocessing.from_dict(metadata.preprocessing).apply(array), axis, 0)
+    preprocessing = IntensityPreprocessing.from_dict(metadata.preprocessing)
+    intensity_range = preprocessing.intensity_range(array)
+    source_slices = np.moveaxis(array, axis, 0)  # normalised batch by batch: no float copy of the volume
 
     was_training = model.training
     model.to(torch_device).eval()
@@ -249,7 +251,7 @@ def segment_volume(
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("segmentation cancelled")
                 end = min(index + batch, stop)
-                slices = torch.from_numpy(np.ascontiguousarray(image_slices[index:end], dtype=np.float32))
+                slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
                 try:
                     logits = _forward(model, slices.to(torch_device), autocast_dtype)
                 except (torch.OutOfMemoryError, RuntimeError) as e:

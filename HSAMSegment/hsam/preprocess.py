@@ -48,10 +48,11 @@ class IntensityPreprocessing:
         low, high = np.percentile(array, self.percentiles)
         return float(low), float(high)
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """``array`` (any shape, any real dtype) -> float32 in [0, 1], same shape."""
-        low, high = self.intensity_range(array)
-        out = np.asarray(array, dtype=np.float32).copy()
+    def apply(self, array: np.ndarray, intensity_range: Optional[tuple[float, float]] = None) -> np.ndarray:
+        """``array`` (any shape, any real dtype) -> float32 in [0, 1], same shape. ``intensity_range``:
+        the (low, high) of the whole volume when ``array`` is only part of it (default: ``array``'s)."""
+        low, high = self.intensity_range(array) if intensity_range is None else intensity_range
+        out = np.array(array, dtype=np.float32, order="C")  # a new C-contiguous array
         if high <= low:
             out.fill(0.0)
             return out
