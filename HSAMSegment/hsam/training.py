@@ -362,8 +362,6 @@ def _epoch_order(count: int, epoch: int, seed: int, ddp: _Distributed) -> list[i
 def save_training_state(path: PathLike, state: TrainingState) -> Path:
     """Write a training state (safetensors + JSON, no pickle) atomically."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"folder {path.parent} does not exist")
     payload = save({k: v.contiguous() for k, v in state.tensors.items()}, {STATE_KEY: json.dumps(state.info)})
     write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
     return path
