@@ -3,10 +3,10 @@
 from typing import Optional
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 
+from .common import ChannelLayerNorm2d
 from .cmattn import CMAttn
 from .mask_decoder import Stage1Output
 from .transformer import HSAMTwoWayTransformer
@@ -39,17 +39,17 @@ class HierarchicalDecoder(nn.Module):
         self.transformer2 = HSAMTwoWayTransformer(2, transformer_dim, num_heads, mlp_dim, masked=True)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
+            ChannelLayerNorm2d(transformer_dim // 4),
             nn.GELU(),
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
         self.skip_connect = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 8),
+            ChannelLayerNorm2d(transformer_dim // 8),
             nn.GELU(),
             nn.ConvTranspose2d(transformer_dim // 8, transformer_dim // 16, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 16),
+            ChannelLayerNorm2d(transformer_dim // 16),
             nn.GELU(),
         )
         self.output_hypernetworks_mlps2 = nn.ModuleList(
@@ -78,4 +78,5 @@ class HierarchicalDecoder(nn.Module):
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         upscaled = self.skip_connect(torch.cat([upscaled, stage1.upscaled], dim=1))
         hyper_in = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps2)], dim=1)
-        return (hyper_in @ upscaled.flatten(2)).reshape(b, -1, *upscaled.shape[-2:])
+        # einsum multiplies in the channels-last layout the pixel decoder leaves, without a copy.
+        return torch.einsum("bkc,bchw->bkhw", hyper_in, upscaled)

@@ -3,10 +3,10 @@
 from dataclasses import dataclass
 
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 
+from .common import ChannelLayerNorm2d
 from .transformer import HSAMTwoWayTransformer
 
 
@@ -43,7 +43,7 @@ class MaskDecoder(nn.Module):
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
+            ChannelLayerNorm2d(transformer_dim // 4),
             nn.GELU(),
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
