@@ -147,3 +147,31 @@ def test_channel_layer_norm_equals_segment_anything(channels_last: bool) -> None
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [14, 32])
+def test_relative_position_bias_is_the_same_written_either_way(dtype: torch.dtype, size: int) -> None:
+    """Inference writes the bias into the scratch buffer (broadcast add or matmul by dtype and width);
+    autograd uses a fresh matmul; both give segment-anything's sum of the two decomposed terms."""
+    from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
+
+    from hsam.modeling.image_encoder import RelPosSDPAttention
+
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, use_rel_pos=True, input_size=(size, size))
+    attn.__class__ = RelPosSDPAttention
+    nn.init.normal_(attn.rel_pos_h)
+    nn.init.normal_(attn.rel_pos_w)
+    q = torch.randn(2, 2, size * size, 16, dtype=dtype)
+    with torch.inference_mode():
+        buffered = attn.relative_position_bias(q, size, size).clone()
+        buffered_again = attn.relative_position_bias(q, size, size)  # the same buffer, rewritten
+    trained = attn.relative_position_bias(q, size, size).detach()
+    assert buffered.dtype == dtype and buffered.shape == (2, 2, size * size, size * size)
+    assert torch.equal(buffered, trained) and torch.equal(buffered_again, buffered)
+    if dtype == torch.float32:
+        zeros = torch.zeros(4, size * size, size * size)
+        expected = add_decomposed_rel_pos(zeros, q.reshape(4, size * size, 16), attn.rel_pos_h, attn.rel_pos_w,
+                                          (size, size), (size, size))
+        torch.testing.assert_close(trained, expected.detach().reshape(2, 2, size * size, size * size))

@@ -120,10 +120,17 @@ class RelPosSDPAttention(Attention):
         r_q = q.reshape(b, self.num_heads, h, w, -1)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, self.rel_pos_h).to(q.dtype))
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, self.rel_pos_w).to(q.dtype))
-        # bias[i, (h2, w2)] = rel_h[i, h2] + rel_w[i, w2], written by one matmul with 0/1 key codes
-        # (exact: two non-zero terms) instead of a broadcast add and a copy of the (h·w)² tensor.
+        shape = (b, self.num_heads, h * w, h * w)
+        if _cpu_inference(q) and not (q.dtype == torch.bfloat16 and w < 32):
+            # bias[i, (h2, w2)] = rel_h[i, h2] + rel_w[i, w2], broadcast straight into the buffer at memory
+            # speed (bfloat16 rows narrower than 32 take a slow path there; they use the matmul below).
+            bias = _SCRATCH.take(shape, q.dtype)
+            torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias.view(b, self.num_heads, h, w, h, w))
+            return bias
+        # The same sum written by one matmul with 0/1 key codes (exact: two non-zero terms), faster than a
+        # broadcast add into a fresh tensor.
         rel = torch.cat([rel_h, rel_w], dim=-1).reshape(b, self.num_heads, h * w, h + w)
-        out = _SCRATCH.take((b, self.num_heads, h * w, h * w), rel.dtype) if _cpu_inference(rel) else None
+        out = _SCRATCH.take(shape, rel.dtype) if _cpu_inference(rel) else None
         return torch.matmul(rel, _key_positions(h, w, rel.dtype, rel.device), out=out)
 
 
