@@ -211,7 +211,8 @@ def agreement(args: argparse.Namespace) -> dict:
 
 
 CONFIGURATIONS = (
-    ("forward", "fp32", 1), ("forward", "bf16", 1), ("forward", "fp32", 4), ("train", "fp32", 2), ("train", "bf16", 2),
+    ("forward", "fp32", 1), ("forward", "bf16", 1), ("forward", "fp32", 4), ("forward", "bf16", 4),
+    ("train", "fp32", 2), ("train", "bf16", 2),
 )
 
 
