@@ -12,7 +12,7 @@ from torch import nn
 
 from hsam.modeling.common import ChannelLayerNorm2d
 from hsam.modeling.fused_linear import PACKED_WEIGHTS, fused_dtype, linear
-from hsam.modeling.image_encoder import ImageEncoder, _bfloat16_attention
+from hsam.modeling.image_encoder import _SCRATCH, ImageEncoder, _bfloat16_attention, release_scratch_buffer
 from hsam.modeling.lora import LoRAQKV
 
 onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -103,13 +103,17 @@ def encoders() -> tuple[ImageEncoderViT, ImageEncoder]:
 
 
 def test_encoder_inference_equals_segment_anything_across_batch_sizes() -> None:
-    """Float32 inference (fused linear layers, the shared bias buffer resized between batches) gives
-    segment-anything's outputs."""
+    """Float32 inference (fused linear layers, the shared bias buffer resized between batches, then
+    released) gives segment-anything's outputs."""
     theirs, ours = encoders()
-    for batch in (2, 1, 3):
+    for batch in (2, 1, 3, 2):
         x = torch.rand(batch, 3, 256, 256)
         with torch.inference_mode():
             torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        if batch == 3:
+            release_scratch_buffer()
+            assert _SCRATCH.storage is None
+    assert _SCRATCH.storage.numel() == 2 * 4 * 16**4  # batch × heads × (global tokens)²
 
 
 @onednn

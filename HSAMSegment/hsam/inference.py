@@ -19,6 +19,7 @@ import torch
 
 from .errors import Cancelled, HSAMError, InputError
 from .modeling.hsam import HSAM
+from .modeling.image_encoder import release_scratch_buffer
 from .preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
 
 Progress = Callable[[float, str], None]
@@ -278,6 +279,7 @@ def segment_volume(
                 index = end
     finally:
         model.train(was_training)
+        release_scratch_buffer()
 
     if largest_component:
         keep_largest_components(labels, metadata.label_values, cancel)
