@@ -11,11 +11,11 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
 from hsam.modeling.common import ChannelLayerNorm2d
-from hsam.modeling.fused_linear import PACKED_WEIGHTS, fused_dtype, linear
+from hsam.modeling.fused_linear import PACKED_WEIGHTS, fused_dtype, linear, onednn_works
 from hsam.modeling.image_encoder import _SCRATCH, ImageEncoder, _bfloat16_attention, release_scratch_buffer
 from hsam.modeling.lora import LoRAQKV
 
-onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+onednn = pytest.mark.skipif(not onednn_works(), reason="no working oneDNN in this PyTorch build")
 
 
 def bf16_autocast() -> torch.autocast:
@@ -179,3 +179,12 @@ def test_relative_position_bias_is_the_same_written_either_way(dtype: torch.dtyp
         expected = add_decomposed_rel_pos(zeros, q.reshape(4, size * size, 16), attn.rel_pos_h, attn.rel_pos_w,
                                           (size, size), (size, size))
         torch.testing.assert_close(trained, expected.detach().reshape(2, 2, size * size, size * size))
+
+
+def test_onednn_runs_where_pytorch_ships_it() -> None:
+    """x86-64 builds of PyTorch have oneDNN: the fused path must not silently switch itself off there."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        pytest.skip("not an x86-64 build with oneDNN")
+    assert onednn_works()

@@ -7,6 +7,7 @@ The function is the same as ``nn.Linear`` up to float rounding. Anything else (a
 a build without oneDNN) takes the ordinary modules, so training is untouched.
 """
 
+import functools
 import weakref
 from typing import Optional
 
@@ -16,7 +17,22 @@ from torch import nn
 
 from .lora import LoRAQKV
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+@functools.cache
+def onednn_works() -> bool:
+    """Whether this build has oneDNN's fused linear and it computes a linear layer (checked once on a
+    tiny input, so that a build where the op exists but fails falls back instead of breaking)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    x, weight, bias = torch.arange(6.0).reshape(2, 3), torch.ones(2, 3), torch.tensor([1.0, -1.0])
+    try:
+        with torch.inference_mode():
+            y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.equal(y, torch.tensor([[4.0, 2.0], [13.0, 11.0]]))
+
+
 # Kept beside the layers rather than on them, so that copying or pickling a model never meets oneDNN's
 # opaque tensors, and dropped with the layer.
 PACKED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -24,7 +40,7 @@ PACKED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]
 
 def fused_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype oneDNN computes ``x``'s linear layers in, or None where ``nn.Linear`` must run."""
-    if not _ONEDNN or x.device.type != "cpu" or torch.is_grad_enabled():
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not onednn_works():
         return None
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
