@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, get_rel_pos
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .fused_linear import linear
