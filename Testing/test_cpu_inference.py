@@ -2,44 +2,64 @@
 channels-last LayerNorm2d compute the same function as the plain modules."""
 
 import copy
+from typing import Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import ImageEncoderViT
-from torch import nn
+from torch import Tensor, nn
 
+from hsam.cpu import cpu_capability
 from hsam.modeling.common import ChannelLayerNorm2d
 from hsam.modeling.fused_linear import PACKED_WEIGHTS, fused_dtype, linear, onednn_works
 from hsam.modeling.image_encoder import _SCRATCH, ImageEncoder, _bfloat16_attention, release_scratch_buffer
 from hsam.modeling.lora import LoRAQKV
 
 onednn = pytest.mark.skipif(not onednn_works(), reason="no working oneDNN in this PyTorch build")
+onednn_bf16 = pytest.mark.skipif(
+    not onednn_works(torch.bfloat16),
+    reason=f"this CPU ({cpu_capability()}) has no oneDNN bfloat16 kernels (they need AVX512-BW/VL/DQ or "
+    "AVX-NE-CONVERT); the fallback it takes instead is tested in test_cpu_precision.py",
+)
 
 
 def bf16_autocast() -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def _linear_case(gelu: bool, with_residual: bool) -> tuple[nn.Linear, torch.Tensor, Optional[torch.Tensor], Tensor]:
+    """A layer, its input, the residual (or None) and the expected ``[residual +] [gelu](layer(x))``."""
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40)
+    x, residual = torch.randn(2, 5, 7, 48), torch.randn(2, 5, 7, 40) if with_residual else None
+    expected = F.gelu(layer(x)) if gelu else layer(x)
+    expected = expected if residual is None else expected + residual
+    return layer, x, residual, expected.detach()
+
+
 @onednn
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_linear_equals_the_modules(gelu: bool, with_residual: bool) -> None:
-    torch.manual_seed(0)
-    layer = nn.Linear(48, 40)
-    x, residual = torch.randn(2, 5, 7, 48), torch.randn(2, 5, 7, 40)
-    expected = F.gelu(layer(x)) if gelu else layer(x)
-    expected = expected + residual if with_residual else expected
+    layer, x, residual, expected = _linear_case(gelu, with_residual)
     with torch.inference_mode():
         assert fused_dtype(x) == torch.float32
-        actual = linear(layer, x, gelu=gelu, residual=residual if with_residual else None)
-        with bf16_autocast():
-            assert fused_dtype(x) == torch.bfloat16
-            low = linear(layer, x, gelu=gelu, residual=residual if with_residual else None)
-    torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-5)
+        actual = linear(layer, x, gelu=gelu, residual=residual)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@onednn_bf16
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_bfloat16_linear_stays_close_to_the_modules(gelu: bool, with_residual: bool) -> None:
+    layer, x, residual, expected = _linear_case(gelu, with_residual)
+    with torch.inference_mode(), bf16_autocast():
+        assert fused_dtype(x) == torch.bfloat16
+        low = linear(layer, x, gelu=gelu, residual=residual)
     assert low.shape == expected.shape
-    torch.testing.assert_close(low.float(), expected.detach(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_fused_linear_keeps_autograd_for_training() -> None:
@@ -52,7 +72,7 @@ def test_fused_linear_keeps_autograd_for_training() -> None:
     torch.testing.assert_close(y, F.gelu(layer(x)))
 
 
-@onednn
+@onednn_bf16
 def test_bfloat16_weight_copy_follows_weight_changes() -> None:
     """The cached bfloat16 weight is rebuilt after an in-place update (optimiser step, merge, load)."""
     torch.manual_seed(0)
@@ -116,7 +136,7 @@ def test_encoder_inference_equals_segment_anything_across_batch_sizes() -> None:
     assert _SCRATCH.storage.numel() == 2 * 4 * 16**4  # batch × heads × (global tokens)²
 
 
-@onednn
+@onednn_bf16
 def test_encoder_bfloat16_inference_stays_close_to_float32() -> None:
     theirs, ours = encoders()
     x = torch.rand(2, 3, 256, 256)

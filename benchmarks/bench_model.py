@@ -2,8 +2,8 @@
 
     python benchmarks/bench_model.py [--preset vit_b] [--img-size 512] [--json out.json] [--update-docs]
 
-Each configuration runs in its own process so that its peak memory is its own. CPU: fp32 and bf16
-autocast at batch 1 and 4; CUDA (when present): fp32, fp16, bf16 at batch 1, 8 and 32. Weights are random: speed does not depend on them.
+Each configuration runs in its own process so that its peak memory is its own. CPU: fp32 and (where oneDNN
+has bf16 kernels for the CPU) bf16 autocast at batch 1 and 4; CUDA (when present): fp32, fp16, bf16 at batch 1, 8 and 32. Weights are random: speed does not depend on them.
 """
 
 import argparse
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, peak_rss_gib, run_isolated, table, update_docs  # noqa: E402
+from common import best_of, bf16_available, peak_rss_gib, run_isolated, table, update_docs  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,7 +65,8 @@ def configurations(args: argparse.Namespace) -> list[list[str]]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     runs = []
     for device in devices:
-        precisions = ["fp32", "bf16"] if device == "cpu" else ["fp32", "fp16", "bf16"]
+        cpu_precisions = ["fp32", "bf16"] if bf16_available() else ["fp32"]
+        precisions = ["fp32", "fp16", "bf16"] if device == "cuda" else cpu_precisions
         batches = (1, 4) if device == "cpu" else (1, 8, 32)
         for precision in precisions:
             for batch in batches:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_gib, run_isolated, table, update_docs  # noqa: E402
+from common import bf16_available, peak_rss_gib, run_isolated, table, update_docs  # noqa: E402
 
 IMG_SIZE = {"tiny": 256, "vit_b": 512, "vit_l": 512, "vit_h": 512}
 NUM_CLASSES = 2
@@ -107,7 +107,7 @@ def main() -> None:
         print(json.dumps(row))
         return
 
-    precisions = ["fp32", "bf16"]
+    precisions = ["fp32", "bf16"] if bf16_available() else ["fp32"]
     rows = []
     for preset in args.presets:
         baseline = None

@@ -49,7 +49,22 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}"
+    return f"{cpu} ({cpu_features()}), {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}"
+
+
+def cpu_features() -> str:
+    """The CPU features the figures depend on: PyTorch's vector ISA and its bfloat16 support."""
+    from hsam.cpu import cpu_capability, cpu_supports_bf16
+
+    bf16 = "native bf16" if cpu_supports_bf16() else "bf16 kernels, not native" if bf16_available() else "no bf16"
+    return f"{cpu_capability()}, {bf16}"
+
+
+def bf16_available() -> bool:
+    """Whether bf16 configurations are worth timing here (oneDNN has bf16 kernels for this CPU)."""
+    from hsam.cpu import onednn_computes
+
+    return onednn_computes(torch.bfloat16)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

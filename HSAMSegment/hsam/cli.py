@@ -21,6 +21,10 @@ SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 PROBABILITY_SUFFIXES = (".npy", ".nrrd", ".nii.gz", ".nii", ".mha")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EMULATED_PRECISION_NOTE = (
+    "; on a CPU without native kernels for it (e.g. AVX2-only, no AVX-512) bf16 or fp16 stops with an error "
+    "instead of running hundreds of times slower than fp32"
+)
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -109,7 +113,7 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 def _segment(args: argparse.Namespace) -> None:
     from .bundle import load_bundle
-    from .inference import describe_device, segment_volume, select_device
+    from .inference import describe_device, resolve_precision, segment_volume, select_device
     from .io import Segment, read_volume, write_labelmap, write_segmentation
 
     output = Path(args.output)
@@ -117,6 +121,7 @@ def _segment(args: argparse.Namespace) -> None:
     if args.probabilities is not None:
         _check_output(Path(args.probabilities), args.overwrite, PROBABILITY_SUFFIXES, "probability file")
     device = select_device(args.device)
+    resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
     volume = read_volume(args.volume)
     model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
     started = time.monotonic()
@@ -168,10 +173,12 @@ def _finetune(args: argparse.Namespace) -> None:
     from .bundle import read_bundle_metadata, save_bundle
     from .io import read_labelmap, read_volume
     from .preprocess import IntensityPreprocessing
-    from .training import FinetuneConfig, finetune, is_main_process
+    from .inference import select_device
+    from .training import FinetuneConfig, finetune, is_main_process, training_precision
 
     output = Path(args.output)
     _check_output(output, args.overwrite, (".hsam",), "model file")
+    training_precision(args.precision, select_device(args.device))  # before any work, as in segment
     if args.base_model is not None and args.preset is not None:
         base_preset = read_bundle_metadata(args.base_model).preset
         if base_preset != args.preset:
@@ -359,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive(int), default=4,
                    help="slices per forward pass; halved automatically when memory runs out (default: 4)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision; auto: bf16 on CPUs that support it, bf16/fp16 on CUDA, else fp32")
+                   help="autocast precision; auto: bf16 on CPUs with native bf16 (AVX512-BF16, AMX), bf16/fp16 on CUDA, "
+                   "else fp32" + EMULATED_PRECISION_NOTE)
     p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST",
                    help="segment only these slices along the model's slice axis, both included; the rest stay background")
     p.add_argument("--largest-component", action="store_true",
@@ -402,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slicing direction (default: axial)")
     device_option(p)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision of the training steps; auto: bf16 (or fp16) on CUDA, else fp32")
+                   help="autocast precision of the training steps; auto: bf16 (or fp16) on CUDA, else fp32"
+                   + EMULATED_PRECISION_NOTE)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the image encoder: less memory, more time "
                    "(default: on for vit_* on CUDA)")

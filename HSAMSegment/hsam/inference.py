@@ -17,6 +17,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
 from .errors import Cancelled, HSAMError, InputError
 from .modeling.hsam import HSAM
 from .modeling.image_encoder import release_scratch_buffer
@@ -72,17 +73,6 @@ def _mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
-    checks = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-        getattr(torch.cpu, "_is_amx_tile_supported", None),
-    )
-    if any(check is not None and check() for check in checks):
-        return True
-    return platform.machine().lower() in ("arm64", "aarch64") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def describe_device(device: Union[str, torch.device]) -> str:
     """One line for users: the GPU's name and memory, or the CPU and its thread count."""
     device = torch.device(device)
@@ -94,14 +84,18 @@ def describe_device(device: Union[str, torch.device]) -> str:
         return f"Apple GPU (MPS), {platform.machine()}"
     processor = platform.processor() or platform.machine()
     bf16 = ", bfloat16" if cpu_supports_bf16() else ""
-    return f"CPU: {processor}, {os.cpu_count()} cores, {torch.get_num_threads()} PyTorch threads{bf16}"
+    return (
+        f"CPU: {processor} ({cpu_capability()}), {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} PyTorch threads{bf16}"
+    )
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``precision`` on ``device``; None for float32.
 
     ``auto``: bfloat16 on CUDA GPUs that support it, else float16; bfloat16 on CPUs with native
-    bfloat16; float32 otherwise (Apple MPS included)."""
+    bfloat16; float32 otherwise (Apple MPS included). An explicit bf16 or fp16 that the CPU could only
+    emulate is refused (``InputError``) rather than run hundreds of times slower."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -110,7 +104,10 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
         if device.type == "cpu" and cpu_supports_bf16():
             return torch.bfloat16
         return None
-    return AUTOCAST_DTYPES.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None and device.type == "cpu":
+        check_cpu_precision(dtype)
+    return dtype
 
 
 # ---------------------------------------------------------------------------------- inference

@@ -19,18 +19,22 @@ from .lora import LoRAQKV
 
 
 @functools.cache
-def onednn_works() -> bool:
-    """Whether this build has oneDNN's fused linear and it computes a linear layer (checked once on a
-    tiny input, so that a build where the op exists but fails falls back instead of breaking)."""
+def onednn_works(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this build has oneDNN's fused linear and it computes a linear layer in ``dtype`` on this
+    CPU (checked once per dtype on a tiny input, so that a build or CPU where the op exists but fails,
+    such as bfloat16 weight packing on AVX2-only CPUs, falls back instead of breaking)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     x, weight, bias = torch.arange(6.0).reshape(2, 3), torch.ones(2, 3), torch.tensor([1.0, -1.0])
     try:
         with torch.inference_mode():
+            if dtype != torch.float32:
+                x, bias = x.to(dtype), bias.to(dtype)
+                weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), x.shape[0])
             y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     except RuntimeError:
         return False
-    return torch.equal(y, torch.tensor([[4.0, 2.0], [13.0, 11.0]]))
+    return torch.equal(y.float(), torch.tensor([[4.0, 2.0], [13.0, 11.0]]))
 
 
 # Kept beside the layers rather than on them, so that copying or pickling a model never meets oneDNN's
@@ -40,12 +44,10 @@ PACKED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]
 
 def fused_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype oneDNN computes ``x``'s linear layers in, or None where ``nn.Linear`` must run."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or not onednn_works():
+    if x.device.type != "cpu" or torch.is_grad_enabled():
         return None
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        return dtype if dtype == torch.bfloat16 else None
-    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) and onednn_works(dtype) else None
 
 
 def _plain_linear(module: nn.Module) -> Optional[nn.Linear]:
