@@ -262,7 +262,7 @@ def test_evaluate_prints_and_writes_scores(files, tmp_path, capsys):
     table = tmp_path / "scores.csv"
     code, out, _ = run(["evaluate", prediction, files["labels"], "--json", scores, "--csv", table], capsys)
     assert code == 0
-    rows = json.loads(scores.read_text(encoding="utf-8"))
+    rows = json.loads(scores.read_text(encoding="utf-8"))["cases"]
     assert len(rows) == 2
     for row in rows:
         truth, predicted = files["label_array"] == row["label"], shifted == row["label"]
@@ -274,7 +274,7 @@ def test_evaluate_prints_and_writes_scores(files, tmp_path, capsys):
 
     code, _, _ = run(["evaluate", files["labels"], files["labels"], "--json", tmp_path / "same.json"], capsys)
     assert code == 0
-    assert all(row["dice"] == 1.0 for row in json.loads((tmp_path / "same.json").read_text(encoding="utf-8")))
+    assert all(row["dice"] == 1.0 for row in json.loads((tmp_path / "same.json").read_text(encoding="utf-8"))["cases"])
 
 
 def test_info_describes_a_bundle(files, capsys):

@@ -58,7 +58,8 @@ def test_few_shot_finetuning_segments_the_unannotated_slices(phantom):
     meta = result.metadata
     assert meta.label_values == list(LABEL_VALUES)
     assert meta.class_names == ["ellipsoid", "sphere", "box"]
-    assert meta.training["slices"] == annotated and meta.training["validation_slices"] == []
+    case = meta.training["cases"][0]
+    assert case["slices"] == annotated and case["validation_slices"] == []
 
     losses = [record["loss"] for record in result.history]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])

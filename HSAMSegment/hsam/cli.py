@@ -171,20 +171,25 @@ def _write_probabilities(path: Path, probabilities, volume) -> None:
 
 def _finetune(args: argparse.Namespace) -> None:
     from .bundle import read_bundle_metadata, save_bundle
+    from .cohort import cases_from_arguments
+    from .inference import select_device
     from .io import read_labelmap, read_volume
     from .preprocess import IntensityPreprocessing
-    from .inference import select_device
-    from .training import FinetuneConfig, finetune, is_main_process, training_precision
+    from .training import FinetuneConfig, TrainingCase, finetune_cohort, is_main_process, training_precision
 
     output = Path(args.output)
     _check_output(output, args.overwrite, (".hsam",), "model file")
     training_precision(args.precision, select_device(args.device))  # before any work, as in segment
+    listed = cases_from_arguments(args.inputs, args.manifest, ("image", "labels"))
     if args.base_model is not None and args.preset is not None:
         base_preset = read_bundle_metadata(args.base_model).preset
         if base_preset != args.preset:
             raise InputError(f"{Path(args.base_model).name} is a {base_preset} model, not --preset {args.preset}")
-    volume = read_volume(args.volume)
-    labels, segments = read_labelmap(args.labelmap, reference=volume)
+    cases = []
+    for case in listed:
+        volume = read_volume(case.first)
+        labels, segments = read_labelmap(case.second, reference=volume)
+        cases.append(TrainingCase(volume, labels, segments, case.slices, case.name))
     preprocessing = None
     if args.modality is not None:
         preprocessing = IntensityPreprocessing(mode="ct" if args.modality == "ct" else "percentile")
@@ -206,6 +211,7 @@ def _finetune(args: argparse.Namespace) -> None:
         cmattn=args.cmattn,
         precision=args.precision,
         gradient_checkpointing=args.checkpointing,
+        validation_volumes=args.validation_volumes,
     )
     main_process = is_main_process()
     with _ProgressBar("fine-tuning", enabled=main_process) as bar:
@@ -213,7 +219,7 @@ def _finetune(args: argparse.Namespace) -> None:
             dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
             bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}")
 
-        result = finetune(volume, labels, segments, config, progress=on_step)
+        result = finetune_cohort(cases, config, progress=on_step)
     if main_process:
         save_bundle(output, result.model, result.metadata, overwrite=args.overwrite)
         training = result.metadata.training
@@ -222,20 +228,33 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .metrics import evaluate
+    from .cohort import cases_from_arguments
+    from .metrics import evaluate, summarise
 
     outputs = [(Path(p), kind) for p, kind in ((args.json, ".json"), (args.csv, ".csv")) if p is not None]
     for path, kind in outputs:
         _check_output(path, args.overwrite, (kind,), f"{kind[1:].upper()} file")
-    rows = evaluate(args.prediction, args.reference)
-    print(f"{'class':<24} {'label':>5} {'Dice':>7} {'HD95 mm':>9}")
+    cases = cases_from_arguments(args.inputs, args.manifest, ("prediction", "reference"))
+    rows = [{"case": case.name, **row} for case in cases for row in evaluate(case.first, case.second)]
+    print(f"{'case':<24} {'class':<24} {'label':>5} {'Dice':>7} {'HD95 mm':>9}")
     for row in rows:
-        hd95 = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.2f}"
-        print(f"{row['name']:<24} {row['label']:>5} {row['dice']:>7.4f} {hd95:>9}")
+        print(f"{row['case'][:24]:<24} {row['name'][:24]:<24} {row['label']:>5} {row['dice']:>7.4f} {_mm(row['hd95_mm']):>9}")
+    summary = summarise(rows)
+    if len(cases) > 1:
+        print(f"\n{'class':<24} {'cases':>5} {'Dice mean ± sd':>16} {'HD95 mm mean ± sd':>19}")
+        for row in summary:
+            dice = f"{row['dice_mean']:.4f} ± {row['dice_sd']:.4f}"
+            hd95 = "-" if row["hd95_mm_mean"] is None else f"{row['hd95_mm_mean']:.2f} ± {row['hd95_mm_sd']:.2f}"
+            print(f"{row['name'][:24]:<24} {row['cases']:>5} {dice:>16} {hd95:>19}")
     if args.json is not None:
-        write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8"), overwrite=True)
+        text = json.dumps({"cases": rows, "summary": summary}, indent=2) + "\n"
+        write_atomic(args.json, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
     if args.csv is not None:
         write_atomic(args.csv, lambda tmp: tmp.write_text(_csv(rows), encoding="utf-8"), overwrite=True)
+
+
+def _mm(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _csv(rows: list[dict]) -> str:
@@ -381,12 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_segment)
 
     p = commands.add_parser(
-        "finetune", help="fine-tune H-SAM on the annotated slices of a volume",
-        description="Fine-tune H-SAM on the slices of VOLUME that LABELMAP annotates (or those given with "
-        "--slices) and save a model bundle. Under torchrun only the first process prints and saves.",
+        "finetune", help="fine-tune H-SAM on the annotated slices of one or more volumes",
+        description="Fine-tune H-SAM on the slices of each VOLUME that its LABELMAP annotates (or those given "
+        "with --slices or in the manifest) and save a model bundle. Volumes may differ in size, spacing and "
+        "orientation; classes are matched by segment name, then label value. Under torchrun only the first "
+        "process prints and saves.",
     )
-    p.add_argument("volume", help="image volume")
-    p.add_argument("labelmap", help="labelmap on the volume's grid (0 = background) or a .seg.nrrd segmentation")
+    p.add_argument("inputs", nargs="*", metavar="VOLUME LABELMAP",
+                   help="image volume and its labelmap on the volume's grid (0 = background) or .seg.nrrd "
+                   "segmentation; repeat the pair for a cohort of volumes")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="CSV (header image,labels[,slices][,name]) or JSON list of such objects naming more "
+                   "training volumes; paths relative to the manifest")
+    p.add_argument("--validation-volumes", type=int, default=0, metavar="N",
+                   help="hold out the last N volumes whole for validation (default: ~15%% of each volume's "
+                   "slices when it has 6 or more)")
     p.add_argument("-o", "--output", required=True, help="model bundle to write (.hsam)")
     p.add_argument("--preset", choices=("tiny", "vit_b", "vit_l", "vit_h"),
                    help="network size: tiny (trains from scratch, CPU-friendly) or a SAM ViT (needs "
@@ -422,11 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "evaluate", help="Dice and HD95 of a segmentation against a reference",
-        description="Per-class Dice and 95th-percentile Hausdorff distance (mm) of PREDICTION against REFERENCE "
-        "(labelmaps or .seg.nrrd on the same grid).",
+        description="Per-case and per-class Dice and 95th-percentile Hausdorff distance (mm) of each PREDICTION "
+        "against its REFERENCE (labelmaps or .seg.nrrd on the same grid), and for several cases the mean ± sd "
+        "per class.",
     )
-    p.add_argument("prediction", help="predicted labelmap or segmentation")
-    p.add_argument("reference", help="reference labelmap or segmentation")
+    p.add_argument("inputs", nargs="*", metavar="PREDICTION REFERENCE",
+                   help="predicted and reference labelmap or segmentation; repeat the pair for a cohort")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="CSV (header prediction,reference[,name]) or JSON list of such objects; paths relative "
+                   "to the manifest")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.add_argument("--csv", metavar="FILE", help="also write the scores as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace existing score files")

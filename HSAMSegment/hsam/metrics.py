@@ -100,3 +100,28 @@ def evaluate(prediction_path: Union[str, Path], reference_path: Union[str, Path]
             "hd95_mm": hausdorff95(pred_mask, ref_mask, grid.spacing),
         })
     return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per class name (first-seen order) over the cases of ``evaluate`` rows: number of cases, Dice and
+    HD95 mean and sample standard deviation (0 for one case; HD95 over the cases where it is defined)."""
+    by_class: dict[str, list[dict]] = {}
+    for row in rows:
+        by_class.setdefault(row["name"], []).append(row)
+    summary = []
+    for name, group in by_class.items():
+        dice = np.array([r["dice"] for r in group], dtype=np.float64)
+        hd95 = np.array([r["hd95_mm"] for r in group if r["hd95_mm"] is not None], dtype=np.float64)
+        summary.append({
+            "name": name,
+            "cases": len(group),
+            "dice_mean": float(dice.mean()),
+            "dice_sd": _sd(dice),
+            "hd95_mm_mean": float(hd95.mean()) if hd95.size else None,
+            "hd95_mm_sd": _sd(hd95) if hd95.size else None,
+        })
+    return summary
+
+
+def _sd(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0

@@ -1,4 +1,10 @@
-"""Few-shot fine-tuning of H-SAM on the annotated slices of one volume, with the authors' recipe.
+"""Few-shot fine-tuning of H-SAM on the annotated slices of one volume or of a cohort of volumes, with
+the authors' recipe.
+
+A cohort (``finetune_cohort``) is a list of ``TrainingCase``: volumes of any size, spacing and
+orientation, each normalised by its own intensity statistics and cut into slices along the same
+axis. Classes are matched across volumes by segment name (case and surrounding spaces ignored), then
+by label value; a class may be absent from some volumes, not from all training slices.
 
 Recipe (``train.py``/``trainer.py`` of the authors' code): AdamW (betas 0.9/0.999, weight decay 0.1)
 over the trainable parameters, linear warm-up then poly(0.9) learning rate, 0.1·CE + 0.9·Dice per
@@ -9,7 +15,8 @@ stage with the stage-2 weight growing by epoch, the ``RandomGenerator`` augmenta
 * With a time budget the run is planned on the measured epoch time: after every epoch the number of
   epochs that still fit is estimated and the poly schedule re-planned on it.
 * With 6 or more annotated slices about 15 % of them (at least one, spread evenly) are held out; the
-  weights with the best validation Dice are returned.
+  weights with the best validation Dice are returned. A cohort can hold out whole volumes instead
+  (``validation_volumes``). Validation reports the Dice of every class.
 * Without official SAM weights (the ``tiny`` preset, or a model trained from scratch) the whole
   image encoder trains: a random encoder has nothing to preserve. With SAM weights only its LoRA
   adapters do, as the authors'.
@@ -74,7 +81,9 @@ class FinetuneConfig:
     ``FinetuneResult.save_training_state``; ``epochs`` is then the total, the epochs already done included.
     ``precision``: autocast for the training steps; auto = bf16 (fp16 with loss scaling where bf16 is
     unsupported) on CUDA, float32 elsewhere. ``gradient_checkpointing``: recompute the image encoder's
-    activations in the backward pass (less memory, ~30 % more time); None = on for vit_* on CUDA."""
+    activations in the backward pass (less memory, ~30 % more time); None = on for vit_* on CUDA.
+    ``validation_volumes``: in a cohort, hold out the last N volumes whole for validation instead of
+    ~15 % of the slices."""
 
     preset: str = "tiny"
     sam_checkpoint: Optional[PathLike] = None
@@ -95,6 +104,7 @@ class FinetuneConfig:
     lora_rank: int = 5
     augment: bool = True
     validation: bool = True
+    validation_volumes: int = 0
     resume: Optional[PathLike] = None
     precision: str = "auto"
     gradient_checkpointing: Optional[bool] = None
@@ -110,6 +120,19 @@ class TrainingProgress:
     loss: float
     val_dice: Optional[float]
     message: str
+
+
+@dataclass
+class TrainingCase:
+    """One annotated volume of a cohort. ``labels``: (z, y, x) integer labelmap on ``volume``'s grid
+    (an ``hsam.io.Volume``); ``segments``: its ``hsam.io.Segment`` list (empty: every non-zero value is
+    a class); ``slices``: training slice indices (None: every labelled slice); ``name`` for messages."""
+
+    volume: object
+    labels: np.ndarray
+    segments: Sequence = ()
+    slices: Optional[list[int]] = None
+    name: str = ""
 
 
 @dataclass
@@ -178,48 +201,86 @@ class _Classes:
     colors: list[tuple[float, float, float]]
     terminology: list[Optional[str]]
 
+    def add(self, value: int, name: str, color, term: Optional[str]) -> int:
+        """Append a class (a new label value if ``value`` is taken); its 1-based index."""
+        if value in self.label_values:
+            value = max(self.label_values) + 1
+        self.label_values.append(value)
+        self.names.append(name)
+        self.colors.append(tuple(color))
+        self.terminology.append(term)
+        return len(self.label_values)
 
-def _classes(labels: np.ndarray, segments: Sequence, config: FinetuneConfig) -> _Classes:
+
+def _case_classes(labels: np.ndarray, segments: Sequence) -> _Classes:
+    """The classes one labelmap describes: its segments, or every non-zero value."""
     present = [int(v) for v in np.unique(labels) if v != 0]
-    if segments:
-        values = [int(s.label_value) for s in segments]
-        if len(set(values)) != len(values):
-            raise InputError("two segments share a label value")
-        unknown = sorted(set(present) - set(values))
-        if unknown:
-            raise InputError(f"the labelmap has value {unknown[0]}, which no segment describes")
-        names = [s.name for s in segments]
-        colors = [tuple(s.color) for s in segments]
-        terminology = [getattr(s, "terminology", None) for s in segments]
-    else:
+    if not segments:
         if not present:
             raise InputError("the labelmap has no labelled voxel")
-        values = present
-        names = [f"Segment_{v}" for v in values]
-        colors = [default_color(i) for i in range(len(values))]
-        terminology = [None] * len(values)
+        return _Classes(present, [f"Segment_{v}" for v in present], [default_color(i) for i in range(len(present))],
+                        [None] * len(present))
+    values = [int(s.label_value) for s in segments]
+    if len(set(values)) != len(values):
+        raise InputError("two segments share a label value")
+    unknown = sorted(set(present) - set(values))
+    if unknown:
+        raise InputError(f"the labelmap has value {unknown[0]}, which no segment describes")
+    return _Classes(values, [s.name for s in segments], [tuple(s.color) for s in segments],
+                    [getattr(s, "terminology", None) for s in segments])
+
+
+def _match_classes(merged: _Classes, own: _Classes) -> dict[int, int]:
+    """Label value of ``own`` -> 1-based class index in ``merged`` (extended with unmatched classes):
+    by name first (case and surrounding spaces ignored), then by label value."""
+    keys = [n.strip().casefold() for n in merged.names]
+    mapping: dict[int, int] = {}
+    for value, name in zip(own.label_values, own.names):
+        key = name.strip().casefold()
+        if key in keys and keys.index(key) + 1 not in mapping.values():
+            mapping[value] = keys.index(key) + 1
+    for value in own.label_values:
+        if value not in mapping and value in merged.label_values:
+            index = merged.label_values.index(value) + 1
+            if index not in mapping.values():
+                mapping[value] = index
+    for i, value in enumerate(own.label_values):
+        if value not in mapping:
+            mapping[value] = merged.add(value, own.names[i], own.colors[i], own.terminology[i])
+    return mapping
+
+
+def _cohort_classes(cases: Sequence[TrainingCase], config: FinetuneConfig) -> tuple[_Classes, list[np.ndarray]]:
+    """The classes of all cases and each case's labels as class indices (0 = background)."""
+    merged = _Classes([], [], [], [])
+    class_labels = []
+    for case in cases:
+        mapping = _match_classes(merged, _case_classes(case.labels, case.segments))
+        lookup = np.zeros(max([*mapping, int(case.labels.max())]) + 1, dtype=np.int64)
+        lookup[list(mapping)] = list(mapping.values())
+        class_labels.append(lookup[case.labels])
     for given, what in ((config.class_names, "class names"), (config.class_colors, "class colours")):
-        if given is not None and len(given) != len(values):
-            raise InputError(f"{len(given)} {what} given for {len(values)} classes")
-    return _Classes(
-        values,
-        list(config.class_names) if config.class_names is not None else names,
-        [tuple(c) for c in config.class_colors] if config.class_colors is not None else colors,
-        terminology,
-    )
+        if given is not None and len(given) != len(merged.label_values):
+            raise InputError(f"{len(given)} {what} given for {len(merged.label_values)} classes")
+    if config.class_names is not None:
+        merged.names = list(config.class_names)
+    if config.class_colors is not None:
+        merged.colors = [tuple(c) for c in config.class_colors]
+    return merged, class_labels
 
 
-def _check_inputs(volume, labels: np.ndarray) -> None:
+def _check_inputs(volume, labels: np.ndarray, name: str = "") -> None:
+    of = f" of {name}" if name else ""
     if labels.shape != volume.array.shape:
         raise InputError(
-            f"the labelmap grid {labels.shape} differs from the volume's {volume.array.shape}: "
+            f"the labelmap grid {labels.shape}{of} differs from the volume's {volume.array.shape}: "
             "resample it onto the volume first (hsam.io.read_labelmap(path, reference=volume))"
         )
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.array_equal(labels, np.round(labels)):
-            raise InputError("the labelmap holds non-integer values")
+            raise InputError(f"the labelmap{of} holds non-integer values")
     if labels.min() < 0:
-        raise InputError("the labelmap holds negative values")
+        raise InputError(f"the labelmap{of} holds negative values")
 
 
 def _select_slices(labels: np.ndarray, axis: int, requested: Optional[Sequence[int]]) -> list[int]:
@@ -410,26 +471,34 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 # --------------------------------------------------------------------------------------- training
 
 
-def _dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Mean Dice over the classes present in the prediction or the target (class indices 1..C)."""
-    scores = []
+def _class_dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[Optional[float]]:
+    """Dice of each class index 1..C; None where the class is in neither the prediction nor the target."""
+    scores: list[Optional[float]] = []
     for c in range(1, num_classes + 1):
         p, t = prediction == c, target == c
         total = int(p.sum() + t.sum())
-        if total:
-            scores.append(2.0 * int((p & t).sum()) / total)
-    return float(np.mean(scores)) if scores else 1.0
+        scores.append(2.0 * int((p & t).sum()) / total if total else None)
+    return scores
 
 
 @torch.no_grad()
-def _validate(model: HSAM, images: torch.Tensor, targets: torch.Tensor, device: torch.device, batch_size: int) -> float:
+def _validate(
+    model: HSAM, images: torch.Tensor, targets: torch.Tensor, device: torch.device, batch_size: int
+) -> list[Optional[float]]:
+    """Per-class Dice of the model on the validation slices (see ``_class_dice``)."""
     model.eval()
     predictions = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
         predictions.append(model(batch[:, None].expand(-1, 3, -1, -1)).masks.argmax(1).cpu())
     model.train()
-    return _dice(torch.cat(predictions), targets, model.num_classes)
+    return _class_dice(torch.cat(predictions), targets, model.num_classes)
+
+
+def _mean_dice(per_class: list[Optional[float]]) -> float:
+    """Mean over the classes that occur (1.0 when none does)."""
+    scores = [d for d in per_class if d is not None]
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def finetune(
@@ -449,24 +518,31 @@ def finetune(
     Cancelled when ``cancel`` is set.
     """
     config = config or FinetuneConfig()
-    labels = np.asarray(labels)
-    _check_inputs(volume, labels)
-    if config.slice_axis not in SLICE_AXES:
-        raise InputError(f"unknown slice axis {config.slice_axis!r}; choose one of {', '.join(SLICE_AXES)}")
-    if config.epochs is not None and config.epochs < 1:
-        raise InputError("epochs must be at least 1")
-    if config.time_budget is not None and config.time_budget <= 0:
-        raise InputError("the time budget must be positive")
-    if config.batch_size < 1:
-        raise InputError("the batch size must be at least 1")
+    case = TrainingCase(volume, np.asarray(labels), segments, config.slices)
+    return finetune_cohort([case], config, progress, cancel)
+
+
+def finetune_cohort(
+    cases: Sequence[TrainingCase],
+    config: Optional[FinetuneConfig] = None,
+    progress: Optional[Callable[[TrainingProgress], None]] = None,
+    cancel: Optional[threading.Event] = None,
+) -> FinetuneResult:
+    """Fine-tune H-SAM on the annotated slices of several volumes (see ``TrainingCase``); a case's
+    ``slices`` default to ``config.slices``, then to its labelled slices. Otherwise as ``finetune``."""
+    config = config or FinetuneConfig()
+    _check_config(config, len(cases))
     axis = SLICE_AXES[config.slice_axis]
-    classes = _classes(labels, segments, config)
-    slices = _select_slices(labels, axis, config.slices)
-    class_of_value = np.zeros(int(max(classes.label_values + [int(labels.max())])) + 1, dtype=np.int64)
-    class_of_value[classes.label_values] = np.arange(1, len(classes.label_values) + 1)
-    class_labels = class_of_value[labels]
+    for index, case in enumerate(cases):
+        case.labels = np.asarray(case.labels)
+        case.name = case.name or f"volume {index + 1}"
+        _check_inputs(case.volume, case.labels, case.name if len(cases) > 1 else "")
+    classes, class_labels = _cohort_classes(cases, config)
+    slices = [_select_slices(labels, axis, case.slices if case.slices is not None else config.slices)
+              for case, labels in zip(cases, class_labels)]
     if config.base_bundle is None:
-        seen = {int(v) for v in np.unique(np.take(class_labels, slices, axis=axis))}
+        seen = set().union(*({int(v) for v in np.unique(np.take(labels, chosen, axis=axis))}
+                             for labels, chosen in zip(class_labels, slices)))
         missing = [n for k, n in enumerate(classes.names, start=1) if k not in seen]
         if missing:
             raise InputError(f"segment {missing[0]!r} has no voxel in the training slices")
@@ -475,17 +551,34 @@ def finetune(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         ddp = _start_distributed(device)
         try:
-            return _run(volume, class_labels, axis, slices, classes, config, device, ddp, progress, cancel)
+            return _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel)
         finally:
             if ddp.created_group:
                 dist.destroy_process_group()
 
 
+def _check_config(config: FinetuneConfig, volumes: int) -> None:
+    if volumes < 1:
+        raise InputError("no training volume given")
+    if config.slice_axis not in SLICE_AXES:
+        raise InputError(f"unknown slice axis {config.slice_axis!r}; choose one of {', '.join(SLICE_AXES)}")
+    if config.epochs is not None and config.epochs < 1:
+        raise InputError("epochs must be at least 1")
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise InputError("the time budget must be positive")
+    if config.batch_size < 1:
+        raise InputError("the batch size must be at least 1")
+    if not 0 <= config.validation_volumes < volumes:
+        raise InputError(f"cannot hold out {config.validation_volumes} of {volumes} volumes for validation")
+
+
 class _Loop:
     """The optimisation loop of one process: schedule, augmentation, stopping, best weights."""
 
-    def __init__(self, model, config, ddp, device, base_lr, train_data, val_data, progress, cancel) -> None:
+    def __init__(self, model, config, ddp, device, base_lr, data, class_names, progress, cancel) -> None:
         self.model, self.config, self.ddp, self.device = model, config, ddp, device
+        train_data, val_data = data.train, data.validation
+        self.class_names = class_names
         self.train_images, self.train_targets = train_data
         self.val_images, self.val_targets = val_data
         self.progress, self.cancel = progress, cancel
@@ -575,8 +668,10 @@ class _Loop:
         record = dict(zip(("loss", "stage1", "stage2"), means))
         record.update(epoch=self.epoch, steps=self.iteration, lr=steps[-1]["lr"])
         if self.val_images is not None:
-            dice = _validate(self.model, self.val_images, self.val_targets, self.device, self.config.batch_size)
+            per_class = _validate(self.model, self.val_images, self.val_targets, self.device, self.config.batch_size)
+            dice = _mean_dice(per_class)
             record["val_dice"] = dice
+            record["val_dice_per_class"] = dict(zip(self.class_names, per_class))
             if self.best_dice is None or dice > self.best_dice:
                 self.best_dice, self.best_state = dice, _trainable_state(self.model)
             self.report(f"epoch {self.epoch + 1}: validation Dice {dice:.3f}", val_dice=dice)
@@ -660,7 +755,39 @@ class _Loop:
             raise InputError(f"the saved run already did {self.epoch} epochs; ask for more epochs to continue")
 
 
-def _run(volume, class_labels, axis, slices, classes, config, device, ddp, progress, cancel) -> FinetuneResult:
+@dataclass
+class _TrainingData:
+    """Slices of all cases at the network's size: (images (N, S, S), targets (N, S, S)) for training
+    and validation (None, None when nothing is held out), and each case's (training, validation) slices."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    validation: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+    split: list[tuple[list[int], list[int]]]
+
+
+def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneConfig, img_size: int) -> _TrainingData:
+    """Each case normalised by its own statistics; the last ``validation_volumes`` cases held out
+    whole, else ~15 % of each case's slices (``_split_validation``)."""
+    axis = SLICE_AXES[config.slice_axis]
+    held_out_from = len(cases) - config.validation_volumes
+    train, validation, split = [], [], []
+    for index, (case, labels, chosen) in enumerate(zip(cases, class_labels, slices)):
+        if index >= held_out_from:
+            parts = ([], chosen)
+        else:
+            parts = _split_validation(chosen, config.validation and not config.validation_volumes)
+        image = preprocessing.apply(case.volume.array)
+        for tensors, part in zip((train, validation), parts):
+            if part:
+                tensors.append(_slice_tensors(image, labels, axis, part, img_size))
+        split.append(parts)
+    if not train:
+        raise InputError("no training slice is left once the validation slices are held out")
+    joined = [tuple(torch.cat(t) for t in zip(*tensors)) if tensors else (None, None) for tensors in (train, validation)]
+    return _TrainingData(joined[0], joined[1], split)
+
+
+def _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel) -> FinetuneResult:
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -681,14 +808,11 @@ def _run(volume, class_labels, axis, slices, classes, config, device, ddp, progr
         preprocessing = IntensityPreprocessing.from_dict(built.preprocessing)
     else:
         preprocessing = IntensityPreprocessing(mode="percentile")
-    image = preprocessing.apply(volume.array)
-    train_slices, val_slices = _split_validation(slices, config.validation)
-    train_data = _slice_tensors(image, class_labels, axis, train_slices, model.img_size)
-    val_data = _slice_tensors(image, class_labels, axis, val_slices, model.img_size) if val_slices else (None, None)
+    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size)
 
     model.to(device)
     base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
-    loop = _Loop(model, config, ddp, device, base_lr, train_data, val_data, progress, cancel)
+    loop = _Loop(model, config, ddp, device, base_lr, data, classes.names, progress, cancel)
     torch.manual_seed(config.seed + ddp.rank)  # the embedding noise differs between processes
     if config.resume is not None:
         loop.resume(load_training_state(config.resume))
@@ -713,13 +837,17 @@ def _run(volume, class_labels, axis, slices, classes, config, device, ddp, progr
         base_checkpoint=built.base_checkpoint,
         training={
             "hsam_version": __version__,
-            "data": {
-                "shape": list(volume.array.shape),
-                "spacing": [float(s) for s in volume.spacing],
-                "labelled_voxels": {n: int((class_labels == k).sum()) for k, n in enumerate(classes.names, 1)},
-            },
-            "slices": train_slices,
-            "validation_slices": val_slices,
+            "cases": [
+                {
+                    "name": case.name,
+                    "shape": list(case.volume.array.shape),
+                    "spacing": [float(v) for v in case.volume.spacing],
+                    "labelled_voxels": {n: int((labels == k).sum()) for k, n in enumerate(classes.names, 1)},
+                    "slices": train_slices,
+                    "validation_slices": val_slices,
+                }
+                for case, labels, (train_slices, val_slices) in zip(cases, class_labels, data.split)
+            ],
             "base_bundle": built.base_bundle,
             "resumed_from": Path(config.resume).name if config.resume is not None else None,
             "epochs": loop.epoch,
