@@ -1,8 +1,9 @@
 """CPUs without native bfloat16 (AVX2-only x86): the probes say so, inference falls back to the plain
 modules, and an explicit ``--precision bf16`` (or fp16) stops with a one-line error.
 
-Every machine runs these: the worker processes start with ``ONEDNN_MAX_CPU_ISA=AVX2`` and
-``ATEN_CPU_CAPABILITY=avx2``, so oneDNN and PyTorch probe this CPU as an AVX2-only one (on such a
+Every machine runs these: the worker processes start with ``ONEDNN_MAX_CPU_ISA=AVX2``,
+``ATEN_CPU_CAPABILITY=avx2`` and ``MKL_ENABLE_INSTRUCTIONS=AVX2``, so oneDNN, PyTorch and MKL see this
+CPU as an AVX2-only one (on such a
 CPU the variables change nothing). The probes' answers are real, not mocked.
 """
 
@@ -19,7 +20,7 @@ from test_cli import _bundle, _write_image
 from phantom import phantom_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 pytestmark = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64"), reason="the AVX2 cap applies to x86-64 CPUs only"

@@ -163,9 +163,10 @@ def test_validation_keeps_the_best_weights(phantom):
     volume, labels, segments = phantom
     slices = annotated_slices(labels, 0)[::4]
     result = finetune(volume, labels, segments, quick_config(slices=slices, epochs=3))
-    held_out = result.metadata.training["validation_slices"]
+    case = result.metadata.training["cases"][0]
+    held_out = case["validation_slices"]
     assert len(held_out) == max(1, round(0.15 * len(slices)))
-    assert not set(held_out) & set(result.metadata.training["slices"])
+    assert not set(held_out) & set(case["slices"])
     dices = [r["val_dice"] for r in result.history]
     assert result.metadata.training["best_val_dice"] == max(dices)
 
