@@ -3,8 +3,8 @@ modules, and an explicit ``--precision bf16`` (or fp16) stops with a one-line er
 
 Every machine runs these: the worker processes start with ``ONEDNN_MAX_CPU_ISA=AVX2``,
 ``ATEN_CPU_CAPABILITY=avx2`` and ``MKL_ENABLE_INSTRUCTIONS=AVX2``, so oneDNN, PyTorch and MKL see this
-CPU as an AVX2-only one (on such a
-CPU the variables change nothing). The probes' answers are real, not mocked.
+CPU as an AVX2-only one (on such a CPU the variables change nothing). The probes' answers are real,
+not mocked.
 """
 
 import json
