@@ -1,6 +1,5 @@
-"""HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, jobs."""
-
-import threading
+"""HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, models.
+The worker-process paths (segment, fine-tune) are in test_worker.py."""
 
 import numpy as np
 import pytest
@@ -11,13 +10,12 @@ slicerio = pytest.importorskip("slicerio")
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from hsam.errors import Cancelled, CheckpointError, HSAMError, InputError  # noqa: E402
+from hsam.errors import CheckpointError, HSAMError, InputError  # noqa: E402
 from hsam.io import Segment  # noqa: E402
 from HSAMLib import dependencies, models, mrml  # noqa: E402
 from HSAMLib.plots import TrainingCurves  # noqa: E402
-from HSAMLib.segment_logic import HSAMSegmentLogic, segments_from_metadata  # noqa: E402
+from HSAMLib.segment_logic import HSAMSegmentLogic  # noqa: E402
 from HSAMLib.training_logic import HSAMTrainingLogic  # noqa: E402
-from HSAMLib.worker import BackgroundJob  # noqa: E402
 
 SHAPE = (6, 9, 11)  # (z, y, x)
 
@@ -274,10 +272,13 @@ def test_export_refuses_wrong_extensions(volume_node, labels_and_segments, tmp_p
 # --- models folder, dependencies, jobs, plots ---------------------------------------------------
 
 
-def test_sam_weight_names_match_the_engine():
-    from hsam.checkpoint import SAM_CHECKPOINTS
+def test_sam_weights_table_and_cache_match_the_engine(tmp_path, monkeypatch):
+    from hsam.checkpoint import SAM_CHECKPOINTS, default_cache_dir
 
-    assert list(models.SAM_WEIGHTS_NAMES) == list(SAM_CHECKPOINTS)
+    assert models.SAM_WEIGHTS == {name: (info.filename, info.size) for name, info in SAM_CHECKPOINTS.items()}
+    assert models.sam_cache_dir() == default_cache_dir()
+    monkeypatch.setenv("HSAM_HOME", str(tmp_path))
+    assert models.sam_cache_dir() == default_cache_dir() == tmp_path / "checkpoints"
 
 
 def test_unique_model_paths(tmp_path):
@@ -307,22 +308,39 @@ def test_models_folder_lists_and_imports_bundles(tiny_bundle, tmp_path, monkeypa
     assert models.import_model_file(tiny_bundle).path.name == "tiny-2.hsam"  # never overwrites
     entries, problems = models.list_models()
     assert [e.name for e in entries] == ["tiny", "tiny-2"] and problems == []
-    assert entries[0].metadata.class_names == ["liver", "kidney"]
+    assert entries[0].class_names == ["liver", "kidney"] and entries[0].metadata["preset"] == "tiny"
     assert "liver, kidney" in entries[0].describe()
 
 
 def test_base_model_choices(tiny_bundle, tmp_path, monkeypatch):
-    from HSAMLib.training_logic import base_model_options
+    from HSAMLib.training_logic import base_model_arguments
 
     monkeypatch.setenv("HSAM_HOME", str(tmp_path))
-    assert base_model_options("tiny") == {"preset": "tiny"}
-    assert base_model_options(str(tiny_bundle)) == {"preset": "tiny", "base_bundle": tiny_bundle}
+    assert base_model_arguments("tiny") == ["--preset", "tiny"]
+    assert base_model_arguments(str(tiny_bundle)) == ["--base-model", str(tiny_bundle.resolve())]
     with pytest.raises(InputError, match="vit_b weights are not downloaded"):
-        base_model_options("sam:vit_b")
+        base_model_arguments("sam:vit_b")
+    weights = models.sam_weights_path("vit_b")
+    weights.parent.mkdir(parents=True)
+    with open(weights, "wb") as f:
+        f.truncate(models.SAM_WEIGHTS["vit_b"][1])
+    assert base_model_arguments("sam:vit_b") == ["--preset", "vit_b", "--sam-checkpoint", str(weights)]
     with pytest.raises(InputError, match="unknown SAM weights"):
-        base_model_options("sam:vit_x")
+        base_model_arguments("sam:vit_x")
     with pytest.raises(CheckpointError):
-        base_model_options(str(tmp_path / "missing.hsam"))
+        base_model_arguments(str(tmp_path / "missing.hsam"))
+
+
+def test_training_options_become_cli_arguments():
+    from hsam.cli import build_parser
+
+    config = HSAMTrainingLogic().makeConfig("tiny", epochs=5, timeBudgetSeconds=60.0, learningRate=0.0, batchSize=3,
+                                            device="cpu", imageSize=224)
+    args = build_parser().parse_args(["finetune", "v.nrrd", "l.nrrd", "-o", "m.hsam", *config.arguments()])
+    assert (args.preset, args.epochs, args.time_budget, args.lr, args.batch_size, args.device, args.img_size) == (
+        "tiny", 5, 60.0, None, 3, "cpu", 224)
+    with pytest.raises(InputError, match="slice axis"):
+        HSAMTrainingLogic().makeConfig("tiny", sliceAxis="oblique")
 
 
 def test_requirements_file_and_install_plan():
@@ -341,36 +359,6 @@ def test_requirements_file_and_install_plan():
         dependencies.install(plan, install_torch=lambda: True, pip_install=lambda spec: None)
 
 
-def test_background_job_reports_progress_and_result():
-    def work(progress, cancel):
-        for i in range(3):
-            progress(i / 3, f"step {i}")
-        return "done"
-
-    job = BackgroundJob(work).start()
-    assert job.wait(10)
-    assert job.result == "done" and job.error is None
-    assert job.poll() == [(0.0, "step 0"), (1 / 3, "step 1"), (2 / 3, "step 2")]
-    assert job.poll() == []
-
-
-def test_background_job_cancel_stops_the_work():
-    started = threading.Event()
-
-    def work(progress, cancel):
-        started.set()
-        while not cancel.wait(0.01):
-            pass
-        raise Cancelled("cancelled")
-
-    job = BackgroundJob(work).start()
-    assert started.wait(10)
-    assert job.running
-    job.cancel()
-    assert job.wait(10)
-    assert job.cancelled and job.result is None
-
-
 def test_training_curves_table_and_chart(scene):
     curves = TrainingCurves(scene, "run")
     curves.append(1, 0.9, None)
@@ -382,9 +370,6 @@ def test_training_curves_table_and_chart(scene):
     before = scene.GetNumberOfNodes()
     curves.remove()
     assert scene.GetNumberOfNodes() == before - 4
-
-
-# --- with the engine: inference and fine-tuning -------------------------------------------------
 
 
 @pytest.fixture
@@ -406,50 +391,6 @@ def tiny_bundle(tmp_path):
         preprocessing=IntensityPreprocessing(mode="percentile").to_dict(),
     )
     return save_bundle(tmp_path / "tiny.hsam", model, metadata)
-
-
-@pytest.mark.slow
-def test_segment_matches_engine_output(volume_node, tiny_bundle):
-    from hsam.bundle import load_bundle
-    from hsam.inference import segment_volume
-
-    logic = HSAMSegmentLogic()
-    node = logic.segment(volume_node, tiny_bundle, device="cpu", batchSize=2)
-
-    model, metadata = load_bundle(tiny_bundle)
-    expected = segment_volume(model, mrml.volume_from_node(volume_node), metadata, device="cpu", batch_size=2).labels
-    labels, segments = mrml.labels_from_segmentation(node, volume_node)
-    assert [s.name for s in segments] == ["liver", "kidney"]
-    assert [s.name for s in segments_from_metadata(metadata)] == ["liver", "kidney"]
-    np.testing.assert_array_equal(labels, expected)  # label values 1, 2 in both
-
-
-@pytest.mark.slow
-def test_segment_cancelled_leaves_the_scene_unchanged(scene, volume_node, tiny_bundle):
-    cancel = threading.Event()
-    cancel.set()
-    before = scene.GetNumberOfNodes()
-    with pytest.raises(Cancelled):
-        HSAMSegmentLogic().segment(volume_node, tiny_bundle, device="cpu", cancel=cancel)
-    assert scene.GetNumberOfNodes() == before
-
-
-@pytest.mark.slow
-def test_finetune_from_mrml_nodes_writes_a_bundle(volume_node, labels_and_segments, tmp_path):
-    from hsam.bundle import read_bundle_metadata
-    from hsam.training import FinetuneConfig
-
-    labels, segments = labels_and_segments
-    node = mrml.labels_to_segmentation(labels, segments[:2], volume_node)
-    progress = []
-    config = FinetuneConfig(preset="tiny", img_size=224, epochs=1, batch_size=2, device="cpu")
-    path = HSAMTrainingLogic().finetune(
-        volume_node, node, "my model", config, progress=progress.append, modelsFolder=tmp_path
-    )
-    assert path == tmp_path / "my_model.hsam" and path.is_file()
-    metadata = read_bundle_metadata(path)
-    assert metadata.class_names == ["liver", "kidney"]
-    assert progress and progress[-1].fraction == pytest.approx(1.0)
 
 
 def test_finetune_refuses_segments_without_annotation(volume_node, labels_and_segments, tmp_path):

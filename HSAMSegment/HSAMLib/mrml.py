@@ -18,7 +18,7 @@ from vtk.util import numpy_support
 
 from hsam.errors import InputError
 from hsam.io import Segment, Volume
-from hsam.preprocess import SLICE_AXES
+from hsam.axes import SLICE_AXES
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # Label value a segment had in the engine's labelmap; kept so that exported labelmaps reuse it.
