@@ -5,8 +5,6 @@ worker process (``python -m hsam``), so Slicer's own process never imports torch
 wires the panel: selectors, a worker job polled by a timer, progress, cancel and export.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import sys
@@ -16,31 +14,24 @@ from typing import Annotated, Callable, Optional
 
 import slicer
 import vtk
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+from HSAMLib.compatibility import unsupported_slicer_message
+
+# Said once, at load, instead of failing at the first click (the imports below need Slicer 5.8).
+UNSUPPORTED_MESSAGE = unsupported_slicer_message(slicer.app.majorVersion, slicer.app.minorVersion)
+if UNSUPPORTED_MESSAGE:
+    raise ImportError(UNSUPPORTED_MESSAGE)
+
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
+from slicer.util import VTKObservationMixin  # noqa: E402
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
 POLL_INTERVAL_MS = 200
-# Slicer 5.8 ships Python 3.9; older Slicer versions (Python 3.6–3.8) are not supported.
-MINIMUM_PYTHON = (3, 9)
-UNSUPPORTED_MESSAGE = (
-    f"HSAM needs Slicer 5.8 or later (Python {MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}+); this Slicer runs Python "
-    f"{sys.version_info[0]}.{sys.version_info[1]}: please install a recent Slicer."
-)
-
-
-def supportedSlicer() -> bool:
-    """True on a supported Slicer; otherwise logs ``UNSUPPORTED_MESSAGE`` once."""
-    if sys.version_info[:2] >= MINIMUM_PYTHON:
-        return True
-    logging.error(UNSUPPORTED_MESSAGE)
-    return False
 
 
 class HSAMSegment(ScriptedLoadableModule):
@@ -59,8 +50,6 @@ class HSAMSegment(ScriptedLoadableModule):
             "H-SAM: Cheng Z. et al., Unleashing the Potential of SAM for Medical Adaptation via Hierarchical "
             "Decoding, CVPR 2024. Segment Anything: Kirillov A. et al., ICCV 2023."
         )
-        if not supportedSlicer():
-            self.parent.helpText = UNSUPPORTED_MESSAGE
 
 
 @parameterNodeWrapper

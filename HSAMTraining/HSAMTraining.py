@@ -5,8 +5,6 @@ worker process; this file only wires the panel: inputs, annotated-slice summary,
 a worker job whose progress stream feeds the live curves.
 """
 
-from __future__ import annotations
-
 import sys
 import tempfile
 from pathlib import Path
@@ -32,12 +30,10 @@ if _SEGMENT_MODULE_DIR.is_dir() and str(_SEGMENT_MODULE_DIR) not in sys.path:
 from HSAMSegment import (  # noqa: E402
     DEVICES,
     POLL_INTERVAL_MS,
-    UNSUPPORTED_MESSAGE,
     JobRunner,
     ensureDependencies,
     reloadHSAMPackages,
     reportWorkerError,
-    supportedSlicer,
 )
 
 SUMMARY_DELAY_MS = 3 * POLL_INTERVAL_MS  # the annotation summary follows painting at most this often
@@ -60,8 +56,6 @@ class HSAMTraining(ScriptedLoadableModule):
             "H-SAM: Cheng Z. et al., Unleashing the Potential of SAM for Medical Adaptation via Hierarchical "
             "Decoding, CVPR 2024."
         )
-        if not supportedSlicer():
-            self.parent.helpText = UNSUPPORTED_MESSAGE
 
 
 @parameterNodeWrapper
