@@ -40,7 +40,7 @@ class HSAMSegment(ScriptedLoadableModule):
         self.parent.title = "HSAM Segment"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["HSAM contributors"]
+        self.parent.contributors = ["The HSAM authors (hsam-slicer)"]
         self.parent.helpText = (
             "Segment a volume slice by slice with an H-SAM model (hierarchical decoding Segment Anything, "
             "Cheng et al., CVPR 2024) fine-tuned from a few annotated slices in the HSAM Training module. "
@@ -66,10 +66,11 @@ class HSAMSegmentParameterNode:
 
 
 def ensureDependencies() -> bool:
-    """Check the engine's Python packages; offer to install missing ones. True when all present."""
+    """Check the engine's Python packages; offer, in one dialog, to install the missing ones. True when
+    all are present."""
     from HSAMLib import dependencies
 
-    plan = dependencies.install_plan(dependencies.missing_requirements())
+    plan = dependencies.install_plan()
     if plan.empty:
         return True
     if plan.unavailable:
@@ -78,16 +79,24 @@ def ensureDependencies() -> bool:
     if not slicer.util.confirmOkCancelDisplay(plan.describe() + "\n\nInstall them now? This may take several minutes."):
         return False
 
-    def installTorch() -> bool:
+    def installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
         try:
             import PyTorchUtils
         except ImportError:
             slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager, restart Slicer, then try again.")
             return False
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
+        logic = PyTorchUtils.PyTorchUtilsLogic()
+        installed = logic.installTorch(
+            askConfirmation=False, torchVersionRequirement=torchRequirement, torchvisionVersionRequirement=torchvisionRequirement
+        )
+        return installed is not None
 
-    dependencies.install(plan, installTorch, slicer.util.pip_install)
-    return not dependencies.missing_requirements()
+    replaced = dependencies.install(plan, installTorch, slicer.util.pip_install)
+    if replaced and slicer.util.confirmYesNoDisplay(
+        f"{', '.join(replaced)} changed while in use. Restart Slicer now to use the new version?"
+    ):
+        slicer.util.restart()
+    return dependencies.install_plan().empty
 
 
 def reloadHSAMPackages() -> None:

@@ -1,6 +1,9 @@
 """HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, models.
 The worker-process paths (segment, fine-tune) are in test_worker.py."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -18,6 +21,7 @@ from HSAMLib.segment_logic import HSAMSegmentLogic  # noqa: E402
 from HSAMLib.training_logic import HSAMTrainingLogic  # noqa: E402
 
 SHAPE = (6, 9, 11)  # (z, y, x)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -343,20 +347,76 @@ def test_training_options_become_cli_arguments():
         HSAMTrainingLogic().makeConfig("tiny", sliceAxis="oblique")
 
 
-def test_requirements_file_and_install_plan():
-    requirements = dependencies.read_requirements()
-    assert {r.module for r in requirements} >= {"segment_anything", "safetensors"}
-    assert all(dependencies.is_installed(r.module) for r in requirements)
-    missing = [
-        dependencies.Requirement("torch", "torch"),
-        dependencies.Requirement("SimpleITK", "SimpleITK"),
-        dependencies.Requirement("hsam_missing_package_xyz", "hsam-missing-package-xyz>=1"),
-    ]
-    assert dependencies.missing_requirements(missing) == [missing[2]]
-    plan = dependencies.install_plan(missing)
-    assert plan.torch and plan.pip == ["hsam-missing-package-xyz>=1"] and plan.unavailable == ["SimpleITK"]
-    with pytest.raises(HSAMError, match="SimpleITK"):
-        dependencies.install(plan, install_torch=lambda: True, pip_install=lambda spec: None)
+def test_requirements_file_reads_like_slicer_packaging_and_is_installed_here():
+    from packaging.requirements import Requirement
+
+    lines = [line.strip() for line in dependencies.REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()]
+    specs = [line for line in lines if line and not line.startswith(("#", "-"))]
+    assert [Requirement(line) for line in specs] == dependencies.read_requirements()  # no inline comments
+    assert {dependencies.import_name(r) for r in dependencies.read_requirements()} == {"segment_anything", "safetensors"}
+    assert dependencies.install_plan().empty
+
+
+def test_torch_minimum_matches_the_engine_and_pyproject():
+    import tomllib  # the test environment's Python (3.11+); Slicer never reads pyproject.toml
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert str(dependencies.TORCH_REQUIREMENT) in pyproject["project"]["dependencies"]
+    assert str(dependencies.TORCHVISION_REQUIREMENT) in pyproject["project"]["dependencies"]
+    import torch
+
+    assert dependencies.TORCH_REQUIREMENT.specifier.contains(torch.__version__.split("+")[0])
+    assert hasattr(torch.amp, "GradScaler")
+
+
+def test_missing_torchvision_alone_keeps_the_installed_torch():
+    from packaging.requirements import Requirement
+
+    plan = dependencies.install_plan([Requirement("torch>=2.3"), Requirement("torchvision>=999")])
+    assert plan.torch == f"=={dependencies.installed_version('torch')}" and plan.torchvision == ">=999"
+    assert plan.pip == [] and not plan.empty and "for the installed PyTorch" in plan.describe()
+
+    plan = dependencies.install_plan([Requirement("torch>=999"), Requirement("torchvision>=0.18")])
+    assert plan.torch == ">=999" and plan.torchvision == ">=0.18"
+
+
+def test_install_plan_never_replaces_what_slicer_ships():
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement("numpy>=999"), Requirement("SimpleITK"), Requirement("hsam-missing-package-xyz>=1")]
+    plan = dependencies.install_plan(requirements)
+    assert plan.unavailable == ["numpy"] and plan.pip == ["hsam-missing-package-xyz>=1"] and plan.torch is None
+    with pytest.raises(HSAMError, match="numpy"):
+        dependencies.install(plan, install_torch=lambda *a: True, pip_install=lambda spec: None)
+
+    calls = []
+    plan = dependencies.install_plan(requirements[1:] + [Requirement("torchvision>=999")])
+    dependencies.install(plan, install_torch=lambda *a: calls.append(a) or True, pip_install=calls.append)
+    assert calls == [(plan.torch, ">=999"), "--no-deps hsam-missing-package-xyz>=1"]  # one pip call, no dependencies
+
+
+def test_install_reports_packages_replaced_while_loaded(tmp_path, monkeypatch):
+    """A real distribution on sys.path whose metadata changes during the install, as pip would do it."""
+    import importlib
+
+    (tmp_path / "hsamtestpkg.py").write_text("VALUE = 1\n")
+    info = tmp_path / "hsamtestpkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    plan = dependencies.InstallPlan(pip=["hsamtestpkg>=2"])
+
+    def upgrade(spec):
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 2.0\n")
+
+    assert dependencies.install(plan, lambda *a: True, upgrade) == []  # upgraded, but never imported
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
+    importlib.import_module("hsamtestpkg")  # loaded in this session
+    try:
+        assert dependencies.install(plan, lambda *a: True, upgrade) == ["hsamtestpkg"]
+    finally:
+        del sys.modules["hsamtestpkg"]
 
 
 def test_training_curves_table_and_chart(scene):
