@@ -47,7 +47,7 @@ class HSAMTraining(ScriptedLoadableModule):
         self.parent.title = "HSAM Training"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["HSAMSegment"]
-        self.parent.contributors = ["HSAM contributors"]
+        self.parent.contributors = ["The HSAM authors (hsam-slicer)"]
         self.parent.helpText = (
             "Fine-tune an H-SAM model on a few annotated slices: paint each structure as a segment on some "
             "slices of a volume, choose a base model and train. The new model appears in HSAM Segment."
