@@ -174,8 +174,9 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObservers(self._onSegmentationChanged)
         self._observedSegmentation = segmentation
         if segmentation is not None:
-            for event in (slicer.vtkSegmentation.RepresentationModified, slicer.vtkSegmentation.SegmentAdded,
-                          slicer.vtkSegmentation.SegmentRemoved, slicer.vtkSegmentation.SegmentModified):
+            from HSAMLib import mrml
+
+            for event in mrml.annotation_change_events():
                 self.addObserver(segmentation, event, self._onSegmentationChanged)
 
     def _onSegmentationChanged(self, caller=None, event=None) -> None:

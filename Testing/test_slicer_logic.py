@@ -229,6 +229,27 @@ def test_annotated_slices_of_a_segmentation_on_another_grid(scene, volume_node):
     assert annotated.missing == []
 
 
+def test_painting_fires_an_annotation_change_event_and_changes_the_summary(scene, volume_node, labels_and_segments):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    fired = []
+    for event in mrml.annotation_change_events():
+        node.GetSegmentation().AddObserver(event, lambda caller, name: fired.append(name))
+    before = mrml.annotated_slices(node, volume_node).slices
+
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[3, 4:6, 4:6] = 1
+    brush = mrml.node_from_volume(mrml.volume_from_node(volume_node), scene, "brush", labelmap=True)
+    mrml._set_image(brush, painted)
+    stroke = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(brush)
+    segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("spleen")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(  # what the Segment Editor does
+        stroke, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX)
+
+    assert fired
+    assert before == [1, 4] and mrml.annotated_slices(node, volume_node).slices == [1, 3, 4]
+
+
 def test_segmentation_without_segments_is_rejected(scene, volume_node):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     with pytest.raises(InputError, match="no segments"):

@@ -112,6 +112,19 @@ def test_cancel_while_segmenting_stops_within_two_seconds_and_leaves_nothing(vol
     assert list(job_output.iterdir()) == []
 
 
+def test_an_error_while_waiting_ends_the_worker(volume_file, bundle, tmp_path):
+    job = segment_job(volume_file, bundle, tmp_path)
+
+    def interrupted(events):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        job.wait(timeout=60, on_events=interrupted)
+    assert job.state == CANCELLED
+    assert_gone(job)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def training_files(tmp_path_factory):
     from hsam.io import write_segmentation

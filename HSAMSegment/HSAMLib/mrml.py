@@ -275,6 +275,14 @@ def count_annotated_slices(labels: np.ndarray, segments: Sequence[Segment], axis
     return AnnotatedSlices(axis, slices, counts)
 
 
+def annotation_change_events() -> tuple[int, ...]:
+    """``vtkSegmentation`` events that mean the annotations changed: painting (the Segment Editor
+    modifies a segment's labelmap), adding, removing or renaming a segment."""
+    segmentation = slicer.vtkSegmentation
+    return (segmentation.RepresentationModified, segmentation.SegmentAdded, segmentation.SegmentRemoved,
+            segmentation.SegmentModified)
+
+
 def annotated_slices(segmentationNode, referenceVolumeNode, axis: str = "axial") -> AnnotatedSlices:
     """Annotated slices of a segmentation on the volume's grid."""
     labels, segments = labels_from_segmentation(segmentationNode, referenceVolumeNode)

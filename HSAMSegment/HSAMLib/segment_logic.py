@@ -87,11 +87,7 @@ class HSAMSegmentLogic:
         ``HSAMError`` with the worker's message and leaves the scene unchanged.
         """
         job = self.startSegmentation(volumeNode, modelPath, device, batchSize, sliceRange)
-        try:
-            job.wait(on_events=onEvents)
-        except BaseException:
-            job.cancel()
-            raise
+        job.wait(on_events=onEvents)
         return self.loadResult(job, volumeNode, segmentationNode)
 
     def exportSegmentation(self, segmentationNode, path) -> Path:

@@ -162,9 +162,5 @@ class HSAMTrainingLogic:
         """Fine-tune a model on the annotated slices of ``segmentationNode`` and wait; returns the bundle path."""
         data = self.prepare(volumeNode, segmentationNode, config.sliceAxis)
         job = self.startFinetune(data, config)
-        try:
-            job.wait(on_events=onEvents)
-        except BaseException:
-            job.cancel()
-            raise
+        job.wait(on_events=onEvents)
         return self.saveModel(job, outputName, modelsFolder)

@@ -164,17 +164,22 @@ class WorkerJob:
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05,
              on_events: Optional[Callable[[list[dict]], None]] = None) -> bool:
-        """Poll until the worker ends (``False`` on timeout); ``on_events`` gets each batch of events."""
+        """Poll until the worker ends (``False`` on timeout); ``on_events`` gets each batch of events.
+        An exception meanwhile (Ctrl-C, an error in ``on_events``) cancels the job."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            events = self.poll()
-            if events and on_events is not None:
-                on_events(events)
-            if not self.running:
-                return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(interval)
+        try:
+            while True:
+                events = self.poll()
+                if events and on_events is not None:
+                    on_events(events)
+                if not self.running:
+                    return True
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(interval)
+        except BaseException:
+            self.cancel()
+            raise
 
     def check(self) -> None:
         """Raise ``Cancelled``, or ``HSAMError`` with the worker's one-line message, unless the job succeeded."""
