@@ -304,6 +304,8 @@ def test_sam_weights_table_and_cache_match_the_engine(tmp_path, monkeypatch):
     assert models.sam_cache_dir() == default_cache_dir()
     monkeypatch.setenv("HSAM_HOME", str(tmp_path))
     assert models.sam_cache_dir() == default_cache_dir() == tmp_path / "checkpoints"
+    for name, info in SAM_CHECKPOINTS.items():
+        assert models.sam_weights_path(name) == default_cache_dir() / info.filename
 
 
 def test_unique_model_paths(tmp_path):
