@@ -1,26 +1,34 @@
 """HSAMSegment: segment a volume with an HSAM (hierarchical decoding SAM) model.
 
-The work is done by ``HSAMLib`` (no Qt; usable from scripts and tests). This file only wires the
-panel: selectors, a background job polled by a timer, progress, cancel and export.
+The work is done by ``HSAMLib`` (no Qt; usable from scripts and tests) and the engine runs in a
+worker process (``python -m hsam``), so Slicer's own process never imports torch. This file only
+wires the panel: selectors, a worker job polled by a timer, progress, cancel and export.
 """
 
 import logging
 import os
+import sys
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import slicer
 import vtk
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+from HSAMLib.compatibility import unsupported_slicer_message
+
+# Said once, at load, instead of failing at the first click (the imports below need Slicer 5.8).
+UNSUPPORTED_MESSAGE = unsupported_slicer_message(slicer.app.majorVersion, slicer.app.minorVersion)
+if UNSUPPORTED_MESSAGE:
+    raise ImportError(UNSUPPORTED_MESSAGE)
+
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
+from slicer.util import VTKObservationMixin  # noqa: E402
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
 POLL_INTERVAL_MS = 200
@@ -32,7 +40,7 @@ class HSAMSegment(ScriptedLoadableModule):
         self.parent.title = "HSAM Segment"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["HSAM contributors"]
+        self.parent.contributors = ["The HSAM authors (hsam-slicer)"]
         self.parent.helpText = (
             "Segment a volume slice by slice with an H-SAM model (hierarchical decoding Segment Anything, "
             "Cheng et al., CVPR 2024) fine-tuned from a few annotated slices in the HSAM Training module. "
@@ -54,13 +62,15 @@ class HSAMSegmentParameterNode:
     useSliceRange: bool = False
     firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
     lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    show3D: bool = False
 
 
 def ensureDependencies() -> bool:
-    """Check the engine's Python packages; offer to install missing ones. True when all present."""
+    """Check the engine's Python packages; offer, in one dialog, to install the missing ones. True when
+    all are present."""
     from HSAMLib import dependencies
 
-    plan = dependencies.install_plan(dependencies.missing_requirements())
+    plan = dependencies.install_plan()
     if plan.empty:
         return True
     if plan.unavailable:
@@ -69,36 +79,48 @@ def ensureDependencies() -> bool:
     if not slicer.util.confirmOkCancelDisplay(plan.describe() + "\n\nInstall them now? This may take several minutes."):
         return False
 
-    def installTorch() -> bool:
+    def installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
         try:
             import PyTorchUtils
         except ImportError:
             slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager, restart Slicer, then try again.")
             return False
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
+        logic = PyTorchUtils.PyTorchUtilsLogic()
+        installed = logic.installTorch(
+            askConfirmation=False, torchVersionRequirement=torchRequirement, torchvisionVersionRequirement=torchvisionRequirement
+        )
+        return installed is not None
 
-    dependencies.install(plan, installTorch, slicer.util.pip_install)
-    return not dependencies.missing_requirements()
+    replaced = dependencies.install(plan, installTorch, slicer.util.pip_install)
+    if replaced and slicer.util.confirmYesNoDisplay(
+        f"{', '.join(replaced)} changed while in use. Restart Slicer now to use the new version?"
+    ):
+        slicer.util.restart()
+    return dependencies.install_plan().empty
 
 
-def reportJobError(title: str, error: BaseException) -> None:
-    """One readable line for HSAM errors; the traceback goes to the details and the log."""
-    from hsam.errors import HSAMError
+def reloadHSAMPackages() -> None:
+    """Forget the loaded ``HSAMLib`` and ``hsam`` modules, so that their next import reads the files again."""
+    for name in [name for name in sys.modules if name.split(".")[0] in ("HSAMLib", "hsam")]:
+        del sys.modules[name]
 
-    details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    logging.error("%s\n%s", title, details)
-    message = str(error) if isinstance(error, HSAMError) else f"{type(error).__name__}: {error}"
-    slicer.util.errorDisplay(f"{title}\n{message}", detailedText=details)
+
+def reportWorkerError(title: str, job) -> None:
+    """The worker's one-line message; its stderr goes to the details and the log."""
+    details = "\n".join(job.stderr_lines[-200:])
+    logging.error("%s %s\n%s", title, job.error, details)
+    slicer.util.errorDisplay(f"{title}\n{job.error}", detailedText=details)
 
 
 class JobRunner:
-    """Runs an ``HSAMLib.worker.BackgroundJob`` and polls it from a QTimer on the main thread."""
+    """Follows an ``HSAMLib.worker.WorkerJob``: a QTimer on the main thread polls it, hands its progress
+    events to ``onEvents(list)`` and the ended job to ``onFinished(job)``."""
 
-    def __init__(self, onProgress: Callable, onFinished: Callable):
+    def __init__(self, onEvents: Callable, onFinished: Callable):
         import qt
 
         self.job = None
-        self._onProgress = onProgress
+        self._onEvents = onEvents
         self._onFinished = onFinished
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -108,19 +130,27 @@ class JobRunner:
     def running(self) -> bool:
         return self.job is not None
 
-    def start(self, function) -> None:
-        from HSAMLib.worker import BackgroundJob
-
-        self.job = BackgroundJob(function).start()
+    def start(self, job) -> None:
+        self.job = job
         self._timer.start()
 
     def cancel(self) -> None:
+        """End the worker (within a second or two) and report the job as cancelled."""
         if self.job:
             self.job.cancel()
+            self._poll()
+
+    def stop(self) -> None:
+        """End the worker and stop polling, without callbacks (the panel is going away)."""
+        self._timer.stop()
+        if self.job:
+            self.job.cancel()
+            self.job = None
 
     def _poll(self) -> None:
-        for item in self.job.poll():
-            self._onProgress(item)
+        events = self.job.poll()
+        if events:
+            self._onEvents(events)
         if not self.job.running:
             self._timer.stop()
             job, self.job = self.job, None
@@ -136,6 +166,8 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._segmentJob = None
         self._downloadJob = None
+        self._probeJob = None
+        self._deviceProbe = None
         self._jobVolume = None
 
     def setup(self) -> None:
@@ -151,6 +183,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samWeightsComboBox.addItems(list(SAM_WEIGHTS_NAMES))
         self._segmentJob = JobRunner(self._onSegmentProgress, self._onSegmentFinished)
         self._downloadJob = JobRunner(self._onDownloadProgress, self._onDownloadFinished)
+        self._probeJob = JobRunner(lambda events: None, self._onProbeFinished)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -168,13 +201,19 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self._segmentJob.cancel()
-        self._downloadJob.cancel()
+        for runner in (self._segmentJob, self._downloadJob, self._probeJob):
+            runner.stop()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Developer mode: reload ``HSAMLib`` and the engine too, then this module."""
+        reloadHSAMPackages()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.refreshModels()  # models trained in HSAM Training since the panel was last shown
         self.initializeParameterNode()
+        self.updateDeviceInfo()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -263,41 +302,53 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not ensureDependencies():
             return
-        from hsam.download import download_sam_weights
+        from HSAMLib.worker import WorkerJob
 
         name = self.ui.samWeightsComboBox.currentText
-        self._downloadJob.start(lambda progress, cancel: download_sam_weights(name, progress=progress, cancel=cancel))
+        self._downloadJob.start(WorkerJob(name="hsam-download").start(["download", name, "--progress", "json"]))
         self.ui.downloadWeightsButton.text = "Cancel download"
         self.ui.downloadProgressBar.value = 0
         self.ui.downloadProgressBar.visible = True
 
-    def _onDownloadProgress(self, item) -> None:
-        fraction, message = item
-        self.ui.downloadProgressBar.value = int(100 * fraction)
-        self.ui.downloadProgressBar.toolTip = message
+    def _onDownloadProgress(self, events) -> None:
+        self.ui.downloadProgressBar.value = int(100 * events[-1]["fraction"])
+        self.ui.downloadProgressBar.toolTip = events[-1]["message"]
 
     def _onDownloadFinished(self, job) -> None:
+        from HSAMLib.worker import CANCELLED, SUCCEEDED
+
         self.ui.downloadWeightsButton.text = "Download"
         self.ui.downloadProgressBar.visible = False
-        if job.cancelled:
-            self.ui.statusLabel.text = "Download cancelled."
-        elif job.error:
-            reportJobError("Downloading the SAM weights failed.", job.error)
+        if job.state == CANCELLED:
+            self.ui.statusLabel.text = "Download cancelled; the next download resumes it."
+        elif job.state != SUCCEEDED:
+            reportWorkerError("Downloading the SAM weights failed.", job)
         else:
-            self.ui.statusLabel.text = f"SAM weights saved to {job.result}"
+            self.ui.statusLabel.text = f"SAM weights saved to {job.result['output']}"
+        job.cleanup()
 
     def updateDeviceInfo(self, name: str = "") -> None:
-        from HSAMLib import dependencies
+        """Show what the chosen device is; the first call starts the device probe in a worker process."""
+        from HSAMLib import dependencies, devices
 
-        if not dependencies.is_installed("torch"):
+        if self._deviceProbe is not None:
+            self.ui.deviceInfoLabel.text = devices.describeChoice(self._deviceProbe, self.ui.deviceComboBox.currentText)
+        elif not dependencies.is_installed("torch"):
             self.ui.deviceInfoLabel.text = "PyTorch is not installed yet."
-            return
-        try:
-            from hsam.inference import describe_device, select_device
+        elif not self._probeJob.running:
+            self.ui.deviceInfoLabel.text = "Looking for GPUs…"
+            self._probeJob.start(devices.startProbe())
 
-            self.ui.deviceInfoLabel.text = describe_device(select_device(self.ui.deviceComboBox.currentText))
-        except Exception as e:  # an unavailable device is reported, not raised
-            self.ui.deviceInfoLabel.text = str(e)
+    def _onProbeFinished(self, job) -> None:
+        from hsam.errors import HSAMError
+        from HSAMLib import devices
+
+        try:
+            self._deviceProbe = devices.probeResult(job)
+        except HSAMError as e:
+            self.ui.deviceInfoLabel.text = f"Cannot list the devices: {e}"
+            return
+        self.updateDeviceInfo()
 
     # --- segmentation -------------------------------------------------------------------------
 
@@ -318,54 +369,50 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentButton(self) -> None:
         if self._segmentJob.running:
             self._segmentJob.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current batch…"
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             if not ensureDependencies():
                 return
-            self.updateDeviceInfo()
-            from HSAMLib import mrml
-
             p = self._parameterNode
-            volume = mrml.volume_from_node(p.inputVolume)
             sliceRange = (p.firstSlice, p.lastSlice) if p.useSliceRange else None
-            options = dict(device=p.device, batchSize=p.batchSize, sliceRange=sliceRange)
-            segmenter, modelPath = self.logic.segmenter, p.modelPath
+            job = self.logic.segmenter.startSegmentation(p.inputVolume, p.modelPath, p.device, p.batchSize, sliceRange)
             self._jobVolume = p.inputVolume
-            self._segmentJob.start(
-                lambda progress, cancel: segmenter.predict(volume, modelPath, progress=progress, cancel=cancel, **options)
-            )
+            self._segmentJob.start(job)
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Loading the model…"
+            self.ui.statusLabel.text = "Starting the HSAM worker…"
             self.updateButtons()
 
-    def _onSegmentProgress(self, item) -> None:
-        fraction, message = item
-        self.ui.progressBar.value = int(100 * fraction)
-        self.ui.statusLabel.text = message
+    def _onSegmentProgress(self, events) -> None:
+        self.ui.progressBar.value = int(100 * events[-1]["fraction"])
+        self.ui.statusLabel.text = events[-1]["message"]
 
     def _onSegmentFinished(self, job) -> None:
+        from HSAMLib.worker import CANCELLED, SUCCEEDED
+
         self.updateButtons()
-        if job.cancelled:
+        if job.state == CANCELLED:
             self.ui.statusLabel.text = "Cancelled; the scene was not changed."
             return
-        if job.error:
+        if job.state != SUCCEEDED:
             self.ui.statusLabel.text = "Failed."
-            reportJobError("Segmentation failed.", job.error)
+            reportWorkerError("Segmentation failed.", job)
+            job.cleanup()
             return
         volumeNode = self._jobVolume
         if not slicer.mrmlScene.IsNodePresent(volumeNode):
             self.ui.statusLabel.text = "The input volume was removed; the result was discarded."
+            job.cleanup()
             return
-        labels, metadata = job.result
-        with slicer.util.tryWithErrorDisplay("Could not write the segmentation.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Could not load the segmentation.", waitCursor=True):
             p = self._parameterNode
-            node = self.logic.segmenter.writeResult(labels, metadata, volumeNode, p.outputSegmentation)
+            node = self.logic.segmenter.loadResult(job, volumeNode, p.outputSegmentation)
             p.outputSegmentation = node
-            node.CreateClosedSurfaceRepresentation()
+            if p.show3D:
+                node.CreateClosedSurfaceRepresentation()
             slicer.util.setSliceViewerLayers(background=volumeNode)
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = f"Done: {len(metadata.class_names)} segment(s) in '{node.GetName()}'."
+            count = node.GetSegmentation().GetNumberOfSegments()
+            self.ui.statusLabel.text = f"Done: {count} segment(s) in '{node.GetName()}'."
 
     # --- export -------------------------------------------------------------------------------
 
@@ -417,7 +464,8 @@ class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class HSAMSegmentTest(ScriptedLoadableModuleTest):
-    """Segment a generated volume with a small untrained model (the ``tiny`` preset) on the CPU."""
+    """Fine-tune the tiny preset for one epoch on a generated volume, then segment and export it, all
+    through worker processes on the CPU. Skipped, with a message, where PyTorch is not installed."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -428,30 +476,35 @@ class HSAMSegmentTest(ScriptedLoadableModuleTest):
 
     def test_segment_generated_volume(self):
         import numpy as np
-        from hsam.build import build_hsam
-        from hsam.bundle import BundleMetadata, save_bundle
-        from hsam.preprocess import IntensityPreprocessing
-        from HSAMLib import mrml
+        from hsam.io import Segment
+        from HSAMLib import dependencies, mrml
+        from HSAMLib.segment_logic import HSAMSegmentLogic as Segmenter
+        from HSAMLib.training_logic import HSAMTrainingLogic as Trainer
 
-        self.delayDisplay("Building a volume and a tiny model")
+        missing = dependencies.install_plan()
+        if not missing.empty:  # build machines without PyTorch: the engine part cannot run
+            self.delayDisplay(f"Skipping the segmentation test: {missing.describe()}")
+            return
+        self.delayDisplay("Building a volume with two painted slices")
         z, y, x = np.mgrid[:8, :40, :48]
-        array = (1000 * ((z - 4) ** 2 / 9 + (y - 20) ** 2 / 144 + (x - 24) ** 2 / 196 < 1)).astype(np.int16)
-        volumeNode = slicer.util.addVolumeFromArray(array, name="HSAMTestVolume")
+        blob = (z - 4) ** 2 / 9 + (y - 20) ** 2 / 144 + (x - 24) ** 2 / 196 < 1
+        volumeNode = slicer.util.addVolumeFromArray((1000 * blob).astype(np.int16), name="HSAMTestVolume")
         volumeNode.SetSpacing(0.8, 0.8, 2.5)
-        metadata = BundleMetadata(
-            preset="tiny", img_size=224, num_classes=1, class_names=["blob"], class_colors=[(0.9, 0.4, 0.2)],
-            label_values=[1], preprocessing=IntensityPreprocessing(mode="percentile").to_dict(),
-        )
+        labels = np.zeros(blob.shape, np.uint8)
+        labels[[3, 5]] = blob[[3, 5]]
+        annotations = mrml.labels_to_segmentation(labels, [Segment("blob", 1, (0.9, 0.4, 0.2), None)], volumeNode)
         with tempfile.TemporaryDirectory() as folder:
-            path = save_bundle(Path(folder) / "tiny.hsam", build_hsam("tiny", num_classes=1, img_size=224).eval(), metadata)
-            self.delayDisplay("Segmenting")
-            logic = HSAMSegmentLogic().segmenter
-            progress = []
-            node = logic.segment(volumeNode, path, device="cpu", batchSize=4, progress=lambda f, m: progress.append(f))
-            labels, segments = mrml.labels_from_segmentation(node, volumeNode)
+            self.delayDisplay("Training a tiny model in a worker process")
+            trainer = Trainer()
+            config = trainer.makeConfig("tiny", epochs=1, batchSize=2, device="cpu", imageSize=224)
+            path = trainer.finetune(volumeNode, annotations, "self-test", config, modelsFolder=Path(folder))
+            self.delayDisplay("Segmenting in a worker process")
+            events = []
+            node = Segmenter().segment(volumeNode, path, device="cpu", batchSize=4, onEvents=events.extend)
+            result, segments = mrml.labels_from_segmentation(node, volumeNode)
             self.assertEqual([s.name for s in segments], ["blob"])
-            self.assertEqual(labels.shape, array.shape)
-            self.assertTrue(progress)
-            segPath, labelmapPath = logic.export(node, volumeNode, folder)
+            self.assertEqual(result.shape, blob.shape)
+            self.assertEqual(events[-1]["fraction"], 1.0)
+            segPath, labelmapPath = Segmenter().export(node, volumeNode, folder)
             self.assertTrue(segPath.is_file() and labelmapPath.is_file())
         self.delayDisplay("Test passed")

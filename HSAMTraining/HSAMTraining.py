@@ -1,7 +1,8 @@
 """HSAMTraining: fine-tune an HSAM model from a few annotated slices, inside Slicer.
 
-The work is done by ``HSAMLib`` (shipped in the HSAMSegment module folder); this file only wires the
-panel: inputs, annotated-slice summary, training options, a background job with live curves.
+The work is done by ``HSAMLib`` (shipped in the HSAMSegment module folder) and the engine runs in a
+worker process; this file only wires the panel: inputs, annotated-slice summary, training options,
+a worker job whose progress stream feeds the live curves.
 """
 
 import sys
@@ -26,7 +27,16 @@ _SEGMENT_MODULE_DIR = Path(__file__).resolve().parent.parent / "HSAMSegment"
 if _SEGMENT_MODULE_DIR.is_dir() and str(_SEGMENT_MODULE_DIR) not in sys.path:
     sys.path.append(str(_SEGMENT_MODULE_DIR))
 
-from HSAMSegment import DEVICES, JobRunner, ensureDependencies, reportJobError  # noqa: E402
+from HSAMSegment import (  # noqa: E402
+    DEVICES,
+    POLL_INTERVAL_MS,
+    JobRunner,
+    ensureDependencies,
+    reloadHSAMPackages,
+    reportWorkerError,
+)
+
+SUMMARY_DELAY_MS = 3 * POLL_INTERVAL_MS  # the annotation summary follows painting at most this often
 
 SLICE_AXES = ("axial", "coronal", "sagittal")
 
@@ -37,7 +47,7 @@ class HSAMTraining(ScriptedLoadableModule):
         self.parent.title = "HSAM Training"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["HSAMSegment"]
-        self.parent.contributors = ["HSAM contributors"]
+        self.parent.contributors = ["The HSAM authors (hsam-slicer)"]
         self.parent.helpText = (
             "Fine-tune an H-SAM model on a few annotated slices: paint each structure as a segment on some "
             "slices of a volume, choose a base model and train. The new model appears in HSAM Segment."
@@ -71,8 +81,11 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._jobName = None
         self._curves = None
         self._summaryKey = None
+        self._summaryTimer = None
+        self._observedSegmentation = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -83,6 +96,12 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = HSAMTrainingLogic()
 
         self._job = JobRunner(self._onProgress, self._onFinished)
+        import qt
+
+        self._summaryTimer = qt.QTimer()
+        self._summaryTimer.setSingleShot(True)
+        self._summaryTimer.setInterval(SUMMARY_DELAY_MS)
+        self._summaryTimer.connect("timeout()", lambda: self.updateAnnotationSummary(force=True))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -94,8 +113,14 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self._job.cancel()
+        self._job.stop()
+        self._summaryTimer.stop()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Developer mode: reload ``HSAMLib`` and the engine too, then this module."""
+        reloadHSAMPackages()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.refreshBaseModels()
@@ -136,8 +161,26 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.observeSegmentation(self._parameterNode.segmentation if self._parameterNode else None)
         self.updateAnnotationSummary()
         self.updateButtons()
+
+    def observeSegmentation(self, segmentationNode) -> None:
+        """Follow painting in ``segmentationNode``: each change restarts the summary timer."""
+        segmentation = segmentationNode.GetSegmentation() if segmentationNode else None
+        if segmentation is self._observedSegmentation:
+            return
+        if self._observedSegmentation is not None:
+            self.removeObservers(self._onSegmentationChanged)
+        self._observedSegmentation = segmentation
+        if segmentation is not None:
+            from HSAMLib import mrml
+
+            for event in mrml.annotation_change_events():
+                self.addObserver(segmentation, event, self._onSegmentationChanged)
+
+    def _onSegmentationChanged(self, caller=None, event=None) -> None:
+        self._summaryTimer.start()
 
     # --- base model ---------------------------------------------------------------------------
 
@@ -166,14 +209,14 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- annotated slices ---------------------------------------------------------------------
 
-    def updateAnnotationSummary(self) -> None:
+    def updateAnnotationSummary(self, force: bool = False) -> None:
         p = self._parameterNode
         if not (p and p.inputVolume and p.segmentation):
             self.ui.annotationSummaryLabel.text = "Select a volume and a segmentation painted on a few slices."
             self._summaryKey = None
             return
         key = (p.inputVolume.GetID(), p.segmentation.GetID(), p.segmentation.GetMTime(), p.sliceAxis)
-        if key == self._summaryKey:
+        if key == self._summaryKey and not force:
             return
         self._summaryKey = key
         try:
@@ -202,7 +245,6 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinetuneButton(self) -> None:
         if self._job.running:
             self._job.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current batch…"
             return
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
             if not ensureDependencies():
@@ -221,8 +263,8 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device,
                 sliceAxis=p.sliceAxis,
             )
-            name = p.outputName.strip()
-            self._job.start(lambda progress, cancel: trainer.train(data, name, config, progress, cancel))
+            name = self._jobName = p.outputName.strip()
+            self._job.start(trainer.startFinetune(data, config))
             self._curves = TrainingCurves(slicer.mrmlScene, f"HSAM training {name}")
             self.showPlot()
             self.ui.progressBar.value = 0
@@ -233,26 +275,33 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._curves and slicer.mrmlScene.IsNodePresent(self._curves.chartNode):
             slicer.modules.plots.logic().ShowChartInLayout(self._curves.chartNode)
 
-    def _onProgress(self, item) -> None:
-        self.ui.progressBar.value = int(100 * item.fraction)
-        self.ui.statusLabel.text = item.message
-        if item.loss is not None and self._curves:
-            self._curves.append(item.epoch, item.loss, item.val_dice)
+    def _onProgress(self, events) -> None:
+        """Progress events of the worker (``hsam.progress``); each epoch's loss goes into the curves."""
+        self.ui.progressBar.value = int(100 * events[-1]["fraction"])
+        self.ui.statusLabel.text = events[-1]["message"]
+        for event in events:
+            if event.get("loss") is not None and self._curves:
+                self._curves.append(event["epoch"], event["loss"], event.get("val_dice"))
 
     def _onFinished(self, job) -> None:
-        if job.error and self._curves:  # a failed or cancelled run leaves nothing in the scene
+        from HSAMLib.worker import CANCELLED, SUCCEEDED
+
+        if job.state != SUCCEEDED and self._curves:  # a failed or cancelled run leaves nothing in the scene
             self._curves.remove()
             self._curves = None
         self.updateButtons()
-        if job.cancelled:
+        if job.state == CANCELLED:
             self.ui.statusLabel.text = "Cancelled; no model was saved."
-        elif job.error:
+        elif job.state != SUCCEEDED:
             self.ui.statusLabel.text = "Failed."
-            reportJobError("Fine-tuning failed.", job.error)
+            reportWorkerError("Fine-tuning failed.", job)
+            job.cleanup()
         else:
-            self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = f"Saved {job.result}. Select it in HSAM Segment."
-            self.refreshBaseModels()
+            with slicer.util.tryWithErrorDisplay("Could not save the model.", waitCursor=True):
+                path = self.logic.trainer.saveModel(job, self._jobName)
+                self.ui.progressBar.value = 100
+                self.ui.statusLabel.text = f"Saved {path}. Select it in HSAM Segment."
+                self.refreshBaseModels()
 
 
 class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
@@ -276,7 +325,8 @@ class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
 
 class HSAMTrainingTest(ScriptedLoadableModuleTest):
-    """Fine-tune the tiny preset on two painted slices of a generated volume, then segment with it."""
+    """Fine-tune the tiny preset on two painted slices of a generated volume (worker process, CPU), with
+    live curves from its progress stream. Skipped, with a message, where PyTorch is not installed."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -287,25 +337,34 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
 
     def test_finetune_tiny_preset(self):
         import numpy as np
-        from HSAMLib import mrml
-        from HSAMLib.segment_logic import HSAMSegmentLogic
         from hsam.io import Segment
+        from HSAMLib import dependencies, mrml
+        from HSAMLib.plots import TrainingCurves
 
-        self.delayDisplay("Building a volume with two painted slices")
         z, y, x = np.mgrid[:8, :40, :48]
         blob = (z - 4) ** 2 / 9 + (y - 20) ** 2 / 144 + (x - 24) ** 2 / 196 < 1
         volumeNode = slicer.util.addVolumeFromArray((1000 * blob).astype(np.int16), name="HSAMTrainingVolume")
         labels = np.zeros(blob.shape, np.uint8)
         labels[[3, 5]] = blob[[3, 5]]
         segmentationNode = mrml.labels_to_segmentation(labels, [Segment("blob", 1, (0.9, 0.4, 0.2), None)], volumeNode)
-
         trainer = HSAMTrainingLogic().trainer
         self.assertEqual(trainer.annotatedSlices(volumeNode, segmentationNode).slices, [3, 5])
+        missing = dependencies.install_plan()
+        if not missing.empty:  # build machines without PyTorch: the engine part cannot run
+            self.delayDisplay(f"Skipping the fine-tuning test: {missing.describe()}")
+            return
+
+        self.delayDisplay("Fine-tuning in a worker process")
+        curves = TrainingCurves(slicer.mrmlScene, "HSAM self-test")
+
+        def feed(events):
+            for event in events:
+                if event.get("loss") is not None:
+                    curves.append(event["epoch"], event["loss"], event.get("val_dice"))
+
         with tempfile.TemporaryDirectory() as folder:
-            self.delayDisplay("Fine-tuning")
-            config = trainer.makeConfig("tiny", epochs=1, batchSize=2, device="cpu")
-            path = trainer.finetune(volumeNode, segmentationNode, "self-test", config, modelsFolder=Path(folder))
+            config = trainer.makeConfig("tiny", epochs=2, batchSize=2, device="cpu", imageSize=224)
+            path = trainer.finetune(volumeNode, segmentationNode, "self-test", config, onEvents=feed, modelsFolder=Path(folder))
             self.assertTrue(path.is_file())
-            node = HSAMSegmentLogic().segment(volumeNode, path, device="cpu")
-            self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 1)
+        self.assertGreaterEqual(len(curves.rows()), 2)
         self.delayDisplay("Test passed")

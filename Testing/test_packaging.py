@@ -1,6 +1,7 @@
 """The Slicer extension's packaging: CMake lists, extension description, Qt Designer files."""
 
 import ast
+import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -10,6 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("HSAMSegment", "HSAMTraining")
 S4EXT_REQUIRED = ("scm", "scmurl", "depends", "category", "iconurl", "description", "homepage", "contributors", "status")
+# Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: required keys, and the type of each allowed key.
+CATALOG_SCHEMA = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+CATALOG_REQUIRED = ("$schema", "category", "scm_url")
+CATALOG_TYPES = {
+    "$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+    "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int,
+}
+REPOSITORY = "https://github.com/hsam-slicer/HSAM"
+RAW_FILES = re.compile(r"https://raw\.githubusercontent\.com/hsam-slicer/HSAM/main/([^\s\"';)]+)")
 
 
 def cmake_list(cmake: str, variable: str) -> list[str]:
@@ -53,8 +63,8 @@ def test_top_level_cmake_adds_both_modules():
     assert re.search(r"project\(HSAM\)", cmake)
     for module in MODULES:
         assert f"add_subdirectory({module})" in cmake
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
-                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key} \S", cmake), key
     assert "find_package(Slicer REQUIRED)" in cmake
     assert cmake.index("include(${Slicer_USE_FILE})") < cmake.index("add_subdirectory(")
@@ -73,6 +83,57 @@ def test_s4ext_has_the_fields_the_extensions_index_requires():
     assert fields["depends"] == "PyTorch" and fields["category"] == "Segmentation"
     assert fields["iconurl"].endswith(".png") and fields["enabled"] == "1"
     assert not fields.get("name", "HSAM").lower().startswith("slicer")
+
+
+def cmake_setting(key: str) -> str:
+    match = re.search(rf'set\({key} "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
+    assert match, key
+    return match.group(1)
+
+
+def test_catalog_entry_follows_the_extensions_index_schema():
+    entry = json.loads((ROOT / "HSAM.json").read_text(encoding="utf-8"))
+    for key in CATALOG_REQUIRED:
+        assert entry.get(key), f"{key} missing or empty"
+    assert set(entry) <= set(CATALOG_TYPES), sorted(set(entry) - set(CATALOG_TYPES))
+    for key, value in entry.items():
+        assert isinstance(value, CATALOG_TYPES[key]), key
+    assert entry["$schema"] == CATALOG_SCHEMA
+    assert entry.get("tier", 5) in (1, 3, 5) and entry.get("scm_type", "git") in ("git", "local")
+    assert all(isinstance(name, str) for name in entry.get("build_dependencies", []))
+
+
+def test_catalog_entry_agrees_with_cmake_and_the_s4ext():
+    entry = json.loads((ROOT / "HSAM.json").read_text(encoding="utf-8"))
+    s4ext = dict(line.partition(" ")[::2] for line in (ROOT / "HSAM.s4ext").read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#"))
+    assert entry["category"] == cmake_setting("EXTENSION_CATEGORY") == s4ext["category"]
+    assert entry["scm_url"] == REPOSITORY and s4ext["scmurl"] == REPOSITORY + ".git"
+    assert entry["build_dependencies"] == [cmake_setting("EXTENSION_DEPENDS")] == [s4ext["depends"]]
+    assert entry["scm_revision"] == s4ext["scmrevision"] and entry["tier"] == int(s4ext["tier"])
+    assert cmake_setting("EXTENSION_HOMEPAGE").startswith(REPOSITORY) and s4ext["homepage"] == cmake_setting("EXTENSION_HOMEPAGE")
+    contributors = cmake_setting("EXTENSION_CONTRIBUTORS")
+    assert re.fullmatch(r"[^()]+ \([^()]+\)(, [^()]+ \([^()]+\))*", contributors), "Name (Organisation), ..."
+    assert s4ext["contributors"] == contributors and "contributors" not in contributors.lower()
+
+
+def test_every_file_url_names_a_file_in_the_repository():
+    texts = [(ROOT / name).read_text(encoding="utf-8") for name in ("CMakeLists.txt", "HSAM.s4ext", "HSAM.json")]
+    paths = {match for text in texts for match in RAW_FILES.findall(text)}
+    homepage = cmake_setting("EXTENSION_HOMEPAGE")
+    paths.add(homepage.split("/blob/main/", 1)[1] if "/blob/main/" in homepage else "README.md")
+    assert {"docs/screenshot.png", "HSAMSegment/Resources/Icons/HSAMSegment.png"} <= paths
+    for path in paths:
+        assert (ROOT / path).is_file(), path
+
+
+def test_screenshot_is_a_real_picture():
+    from PIL import Image
+
+    url = cmake_setting("EXTENSION_SCREENSHOTURLS")
+    with Image.open(ROOT / RAW_FILES.fullmatch(url).group(1)) as screenshot:
+        assert screenshot.format == "PNG" and min(screenshot.size) >= 256
+        assert screenshot.convert("RGB").getcolors(64) is None  # over 64 colours: not a blank or flat placeholder
 
 
 def ui_widgets(module: str) -> dict[str, ET.Element]:
@@ -169,7 +230,7 @@ def test_every_third_party_import_of_the_engine_is_a_checked_dependency():
         from HSAMLib import dependencies
     finally:
         sys.path.remove(str(ROOT / "HSAMSegment"))
-    provided = {r.module for r in dependencies.all_requirements()} | {"numpy"}  # numpy ships with Slicer
+    provided = {dependencies.import_name(r) for r in dependencies.all_requirements()}
     imported = set()
     for path in (ROOT / "HSAMSegment" / "hsam").rglob("*.py"):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:

@@ -1,6 +1,8 @@
-"""HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, jobs."""
+"""HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, models.
+The worker-process paths (segment, fine-tune) are in test_worker.py."""
 
-import threading
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +13,15 @@ slicerio = pytest.importorskip("slicerio")
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from hsam.errors import Cancelled, CheckpointError, HSAMError, InputError  # noqa: E402
+from hsam.errors import CheckpointError, HSAMError, InputError  # noqa: E402
 from hsam.io import Segment  # noqa: E402
 from HSAMLib import dependencies, models, mrml  # noqa: E402
 from HSAMLib.plots import TrainingCurves  # noqa: E402
-from HSAMLib.segment_logic import HSAMSegmentLogic, segments_from_metadata  # noqa: E402
+from HSAMLib.segment_logic import HSAMSegmentLogic  # noqa: E402
 from HSAMLib.training_logic import HSAMTrainingLogic  # noqa: E402
-from HSAMLib.worker import BackgroundJob  # noqa: E402
 
 SHAPE = (6, 9, 11)  # (z, y, x)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -227,6 +229,27 @@ def test_annotated_slices_of_a_segmentation_on_another_grid(scene, volume_node):
     assert annotated.missing == []
 
 
+def test_painting_fires_an_annotation_change_event_and_changes_the_summary(scene, volume_node, labels_and_segments):
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    fired = []
+    for event in mrml.annotation_change_events():
+        node.GetSegmentation().AddObserver(event, lambda caller, name: fired.append(name))
+    before = mrml.annotated_slices(node, volume_node).slices
+
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[3, 4:6, 4:6] = 1
+    brush = mrml.node_from_volume(mrml.volume_from_node(volume_node), scene, "brush", labelmap=True)
+    mrml._set_image(brush, painted)
+    stroke = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(brush)
+    segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("spleen")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(  # what the Segment Editor does
+        stroke, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX)
+
+    assert fired
+    assert before == [1, 4] and mrml.annotated_slices(node, volume_node).slices == [1, 3, 4]
+
+
 def test_segmentation_without_segments_is_rejected(scene, volume_node):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     with pytest.raises(InputError, match="no segments"):
@@ -274,10 +297,15 @@ def test_export_refuses_wrong_extensions(volume_node, labels_and_segments, tmp_p
 # --- models folder, dependencies, jobs, plots ---------------------------------------------------
 
 
-def test_sam_weight_names_match_the_engine():
-    from hsam.checkpoint import SAM_CHECKPOINTS
+def test_sam_weights_table_and_cache_match_the_engine(tmp_path, monkeypatch):
+    from hsam.checkpoint import SAM_CHECKPOINTS, default_cache_dir
 
-    assert list(models.SAM_WEIGHTS_NAMES) == list(SAM_CHECKPOINTS)
+    assert models.SAM_WEIGHTS == {name: (info.filename, info.size) for name, info in SAM_CHECKPOINTS.items()}
+    assert models.sam_cache_dir() == default_cache_dir()
+    monkeypatch.setenv("HSAM_HOME", str(tmp_path))
+    assert models.sam_cache_dir() == default_cache_dir() == tmp_path / "checkpoints"
+    for name, info in SAM_CHECKPOINTS.items():
+        assert models.sam_weights_path(name) == default_cache_dir() / info.filename
 
 
 def test_unique_model_paths(tmp_path):
@@ -307,68 +335,111 @@ def test_models_folder_lists_and_imports_bundles(tiny_bundle, tmp_path, monkeypa
     assert models.import_model_file(tiny_bundle).path.name == "tiny-2.hsam"  # never overwrites
     entries, problems = models.list_models()
     assert [e.name for e in entries] == ["tiny", "tiny-2"] and problems == []
-    assert entries[0].metadata.class_names == ["liver", "kidney"]
+    assert entries[0].class_names == ["liver", "kidney"] and entries[0].metadata["preset"] == "tiny"
     assert "liver, kidney" in entries[0].describe()
 
 
 def test_base_model_choices(tiny_bundle, tmp_path, monkeypatch):
-    from HSAMLib.training_logic import base_model_options
+    from HSAMLib.training_logic import base_model_arguments
 
     monkeypatch.setenv("HSAM_HOME", str(tmp_path))
-    assert base_model_options("tiny") == {"preset": "tiny"}
-    assert base_model_options(str(tiny_bundle)) == {"preset": "tiny", "base_bundle": tiny_bundle}
+    assert base_model_arguments("tiny") == ["--preset", "tiny"]
+    assert base_model_arguments(str(tiny_bundle)) == ["--base-model", str(tiny_bundle.resolve())]
     with pytest.raises(InputError, match="vit_b weights are not downloaded"):
-        base_model_options("sam:vit_b")
+        base_model_arguments("sam:vit_b")
+    weights = models.sam_weights_path("vit_b")
+    weights.parent.mkdir(parents=True)
+    with open(weights, "wb") as f:
+        f.truncate(models.SAM_WEIGHTS["vit_b"][1])
+    assert base_model_arguments("sam:vit_b") == ["--preset", "vit_b", "--sam-checkpoint", str(weights)]
     with pytest.raises(InputError, match="unknown SAM weights"):
-        base_model_options("sam:vit_x")
+        base_model_arguments("sam:vit_x")
     with pytest.raises(CheckpointError):
-        base_model_options(str(tmp_path / "missing.hsam"))
+        base_model_arguments(str(tmp_path / "missing.hsam"))
 
 
-def test_requirements_file_and_install_plan():
-    requirements = dependencies.read_requirements()
-    assert {r.module for r in requirements} >= {"segment_anything", "safetensors"}
-    assert all(dependencies.is_installed(r.module) for r in requirements)
-    missing = [
-        dependencies.Requirement("torch", "torch"),
-        dependencies.Requirement("SimpleITK", "SimpleITK"),
-        dependencies.Requirement("hsam_missing_package_xyz", "hsam-missing-package-xyz>=1"),
-    ]
-    assert dependencies.missing_requirements(missing) == [missing[2]]
-    plan = dependencies.install_plan(missing)
-    assert plan.torch and plan.pip == ["hsam-missing-package-xyz>=1"] and plan.unavailable == ["SimpleITK"]
-    with pytest.raises(HSAMError, match="SimpleITK"):
-        dependencies.install(plan, install_torch=lambda: True, pip_install=lambda spec: None)
+def test_training_options_become_cli_arguments():
+    from hsam.cli import build_parser
+
+    config = HSAMTrainingLogic().makeConfig("tiny", epochs=5, timeBudgetSeconds=60.0, learningRate=0.0, batchSize=3,
+                                            device="cpu", imageSize=224)
+    args = build_parser().parse_args(["finetune", "v.nrrd", "l.nrrd", "-o", "m.hsam", *config.arguments()])
+    assert (args.preset, args.epochs, args.time_budget, args.lr, args.batch_size, args.device, args.img_size) == (
+        "tiny", 5, 60.0, None, 3, "cpu", 224)
+    with pytest.raises(InputError, match="slice axis"):
+        HSAMTrainingLogic().makeConfig("tiny", sliceAxis="oblique")
 
 
-def test_background_job_reports_progress_and_result():
-    def work(progress, cancel):
-        for i in range(3):
-            progress(i / 3, f"step {i}")
-        return "done"
+def test_requirements_file_reads_like_slicer_packaging_and_is_installed_here():
+    from packaging.requirements import Requirement
 
-    job = BackgroundJob(work).start()
-    assert job.wait(10)
-    assert job.result == "done" and job.error is None
-    assert job.poll() == [(0.0, "step 0"), (1 / 3, "step 1"), (2 / 3, "step 2")]
-    assert job.poll() == []
+    lines = [line.strip() for line in dependencies.REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()]
+    specs = [line for line in lines if line and not line.startswith(("#", "-"))]
+    assert [Requirement(line) for line in specs] == dependencies.read_requirements()  # no inline comments
+    assert {dependencies.import_name(r) for r in dependencies.read_requirements()} == {"segment_anything", "safetensors"}
+    assert dependencies.install_plan().empty
 
 
-def test_background_job_cancel_stops_the_work():
-    started = threading.Event()
+def test_torch_minimum_matches_the_engine_and_pyproject():
+    import tomllib  # the test environment's Python (3.11+); Slicer never reads pyproject.toml
 
-    def work(progress, cancel):
-        started.set()
-        while not cancel.wait(0.01):
-            pass
-        raise Cancelled("cancelled")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert str(dependencies.TORCH_REQUIREMENT) in pyproject["project"]["dependencies"]
+    assert str(dependencies.TORCHVISION_REQUIREMENT) in pyproject["project"]["dependencies"]
+    import torch
 
-    job = BackgroundJob(work).start()
-    assert started.wait(10)
-    assert job.running
-    job.cancel()
-    assert job.wait(10)
-    assert job.cancelled and job.result is None
+    assert dependencies.TORCH_REQUIREMENT.specifier.contains(torch.__version__.split("+")[0])
+    assert hasattr(torch.amp, "GradScaler")
+
+
+def test_missing_torchvision_alone_keeps_the_installed_torch():
+    from packaging.requirements import Requirement
+
+    plan = dependencies.install_plan([Requirement("torch>=2.3"), Requirement("torchvision>=999")])
+    assert plan.torch == f"=={dependencies.installed_version('torch')}" and plan.torchvision == ">=999"
+    assert plan.pip == [] and not plan.empty and "for the installed PyTorch" in plan.describe()
+
+    plan = dependencies.install_plan([Requirement("torch>=999"), Requirement("torchvision>=0.18")])
+    assert plan.torch == ">=999" and plan.torchvision == ">=0.18"
+
+
+def test_install_plan_never_replaces_what_slicer_ships():
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement("numpy>=999"), Requirement("SimpleITK"), Requirement("hsam-missing-package-xyz>=1")]
+    plan = dependencies.install_plan(requirements)
+    assert plan.unavailable == ["numpy"] and plan.pip == ["hsam-missing-package-xyz>=1"] and plan.torch is None
+    with pytest.raises(HSAMError, match="numpy"):
+        dependencies.install(plan, install_torch=lambda *a: True, pip_install=lambda spec: None)
+
+    calls = []
+    plan = dependencies.install_plan(requirements[1:] + [Requirement("torchvision>=999")])
+    dependencies.install(plan, install_torch=lambda *a: calls.append(a) or True, pip_install=calls.append)
+    assert calls == [(plan.torch, ">=999"), "--no-deps hsam-missing-package-xyz>=1"]  # one pip call, no dependencies
+
+
+def test_install_reports_packages_replaced_while_loaded(tmp_path, monkeypatch):
+    """A real distribution on sys.path whose metadata changes during the install, as pip would do it."""
+    import importlib
+
+    (tmp_path / "hsamtestpkg.py").write_text("VALUE = 1\n")
+    info = tmp_path / "hsamtestpkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    plan = dependencies.InstallPlan(pip=["hsamtestpkg>=2"])
+
+    def upgrade(spec):
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 2.0\n")
+
+    assert dependencies.install(plan, lambda *a: True, upgrade) == []  # upgraded, but never imported
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
+    importlib.import_module("hsamtestpkg")  # loaded in this session
+    try:
+        assert dependencies.install(plan, lambda *a: True, upgrade) == ["hsamtestpkg"]
+    finally:
+        del sys.modules["hsamtestpkg"]
 
 
 def test_training_curves_table_and_chart(scene):
@@ -382,9 +453,6 @@ def test_training_curves_table_and_chart(scene):
     before = scene.GetNumberOfNodes()
     curves.remove()
     assert scene.GetNumberOfNodes() == before - 4
-
-
-# --- with the engine: inference and fine-tuning -------------------------------------------------
 
 
 @pytest.fixture
@@ -406,50 +474,6 @@ def tiny_bundle(tmp_path):
         preprocessing=IntensityPreprocessing(mode="percentile").to_dict(),
     )
     return save_bundle(tmp_path / "tiny.hsam", model, metadata)
-
-
-@pytest.mark.slow
-def test_segment_matches_engine_output(volume_node, tiny_bundle):
-    from hsam.bundle import load_bundle
-    from hsam.inference import segment_volume
-
-    logic = HSAMSegmentLogic()
-    node = logic.segment(volume_node, tiny_bundle, device="cpu", batchSize=2)
-
-    model, metadata = load_bundle(tiny_bundle)
-    expected = segment_volume(model, mrml.volume_from_node(volume_node), metadata, device="cpu", batch_size=2).labels
-    labels, segments = mrml.labels_from_segmentation(node, volume_node)
-    assert [s.name for s in segments] == ["liver", "kidney"]
-    assert [s.name for s in segments_from_metadata(metadata)] == ["liver", "kidney"]
-    np.testing.assert_array_equal(labels, expected)  # label values 1, 2 in both
-
-
-@pytest.mark.slow
-def test_segment_cancelled_leaves_the_scene_unchanged(scene, volume_node, tiny_bundle):
-    cancel = threading.Event()
-    cancel.set()
-    before = scene.GetNumberOfNodes()
-    with pytest.raises(Cancelled):
-        HSAMSegmentLogic().segment(volume_node, tiny_bundle, device="cpu", cancel=cancel)
-    assert scene.GetNumberOfNodes() == before
-
-
-@pytest.mark.slow
-def test_finetune_from_mrml_nodes_writes_a_bundle(volume_node, labels_and_segments, tmp_path):
-    from hsam.bundle import read_bundle_metadata
-    from hsam.training import FinetuneConfig
-
-    labels, segments = labels_and_segments
-    node = mrml.labels_to_segmentation(labels, segments[:2], volume_node)
-    progress = []
-    config = FinetuneConfig(preset="tiny", img_size=224, epochs=1, batch_size=2, device="cpu")
-    path = HSAMTrainingLogic().finetune(
-        volume_node, node, "my model", config, progress=progress.append, modelsFolder=tmp_path
-    )
-    assert path == tmp_path / "my_model.hsam" and path.is_file()
-    metadata = read_bundle_metadata(path)
-    assert metadata.class_names == ["liver", "kidney"]
-    assert progress and progress[-1].fraction == pytest.approx(1.0)
 
 
 def test_finetune_refuses_segments_without_annotation(volume_node, labels_and_segments, tmp_path):

@@ -1,97 +1,139 @@
 """Python packages the engine needs inside Slicer, and how to install the missing ones.
 
-PyTorch is installed through the PyTorch extension (it picks the CUDA build that matches the
-driver; a plain ``pip install torch`` gives a CPU-only build on Windows). The other packages come
-from ``Resources/requirements.txt`` through ``slicer.util.pip_install``, on the main thread and
-after the user agreed. SimpleITK ships with Slicer and is never installed or replaced.
+PyTorch comes from the PyTorch extension (``PyTorchUtils``: it picks the CUDA build that matches the
+driver; a plain ``pip install torch`` gives a CPU-only build on Windows), with the minimum version
+the engine needs. The other packages come from ``Resources/requirements.txt`` (plain requirement
+lines, as ``slicer.packaging.load_requirements`` reads them) through pip with ``--no-deps``, so that
+Slicer's own SimpleITK and numpy are never replaced. Versions are read from package metadata:
+nothing here imports torch.
 """
 
-import importlib.util
-import re
+from __future__ import annotations
+
+import importlib.metadata
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from packaging.requirements import Requirement
+
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
-TORCH_MODULES = ("torch", "torchvision")
-BUNDLED_WITH_SLICER = ("SimpleITK",)
+# Installed through the PyTorch extension. torch.amp.GradScaler (fine-tuning) needs torch 2.3.
+TORCH_REQUIREMENT = Requirement("torch>=2.3")
+TORCHVISION_REQUIREMENT = Requirement("torchvision>=0.18")
+# Ship with Slicer; HSAM never installs or replaces them.
+BUNDLED_WITH_SLICER = (Requirement("SimpleITK"), Requirement("numpy"))
+# Import names that differ from the distribution name.
+IMPORT_NAMES = {"segment-anything": "segment_anything", "SimpleITK": "SimpleITK"}
 
 
-@dataclass(frozen=True)
-class Requirement:
-    module: str  # import name
-    spec: str  # pip requirement
+def import_name(requirement: Requirement) -> str:
+    return IMPORT_NAMES.get(requirement.name, requirement.name.replace("-", "_"))
 
 
 def read_requirements(path: Path = REQUIREMENTS_FILE) -> list[Requirement]:
-    """Pip requirements in ``path``; each line may name its import module after ``# import:``."""
-    requirements = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        spec, _, comment = line.partition("#")
-        spec = spec.strip()
-        if not spec:
-            continue
-        distribution = re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
-        module = comment.split("import:", 1)[1].strip() if "import:" in comment else distribution.replace("-", "_")
-        requirements.append(Requirement(module, spec))
-    return requirements
+    """The requirement lines of ``path`` (comments and pip options skipped, as Slicer does)."""
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [Requirement(line) for line in lines if line and not line.startswith(("#", "-"))]
 
 
-def all_requirements() -> list[Requirement]:
-    torch = [Requirement(module, module) for module in TORCH_MODULES]
-    bundled = [Requirement(module, module) for module in BUNDLED_WITH_SLICER]
-    return torch + bundled + read_requirements()
+def installed_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def is_satisfied(requirement: Requirement) -> bool:
+    version = installed_version(requirement.name)
+    return version is not None and requirement.specifier.contains(version, prereleases=True)
 
 
 def is_installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    """True when ``module``'s distribution is installed (checked without importing it)."""
+    return installed_version(module) is not None
 
 
-def missing_requirements(requirements: Optional[list[Requirement]] = None) -> list[Requirement]:
-    importlib.invalidate_caches()  # see packages installed since the last check
-    return [r for r in (requirements if requirements is not None else all_requirements()) if not is_installed(r.module)]
+def all_requirements() -> list[Requirement]:
+    return [TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT, *BUNDLED_WITH_SLICER, *read_requirements()]
 
 
 @dataclass
 class InstallPlan:
     """What to install, and how."""
 
-    torch: bool = False  # through the PyTorch extension
+    torch: Optional[str] = None  # torch requirement for the PyTorch extension; None: leave torch alone
+    torchvision: Optional[str] = None  # torchvision requirement for the PyTorch extension
     pip: list[str] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)  # should come with Slicer; cannot be installed here
 
     @property
     def empty(self) -> bool:
-        return not (self.torch or self.pip or self.unavailable)
+        return not (self.torchvision or self.pip or self.unavailable)
+
+    @property
+    def distributions(self) -> list[str]:
+        names = ["torch", "torchvision"] if self.torchvision else []
+        return names + [Requirement(spec).name for spec in self.pip]
 
     def describe(self) -> str:
         lines = []
-        if self.torch:
-            lines.append("PyTorch (through the PyTorch extension, which picks the GPU build for this computer)")
+        if self.torchvision and self.torch.startswith("=="):
+            lines.append(f"torchvision {self.torchvision} (through the PyTorch extension, for the installed PyTorch)")
+        elif self.torchvision:
+            lines.append(f"PyTorch {self.torch} and torchvision (through the PyTorch extension, which picks the "
+                         "GPU build for this computer)")
         lines += [f"{spec} (pip)" for spec in self.pip]
         return "HSAM needs these Python packages:\n  " + "\n  ".join(lines) if lines else ""
 
 
-def install_plan(missing: list[Requirement]) -> InstallPlan:
+def install_plan(requirements: Optional[list[Requirement]] = None) -> InstallPlan:
+    """How to satisfy ``requirements`` (default: all of HSAM's). torch is only reinstalled when it is
+    missing or too old; a missing torchvision alone is installed for the torch that is there."""
+    importlib.invalidate_caches()  # see packages installed since the last check
+    requirements = all_requirements() if requirements is None else requirements
     plan = InstallPlan()
-    for requirement in missing:
-        if requirement.module in TORCH_MODULES:
-            plan.torch = True
-        elif requirement.module in BUNDLED_WITH_SLICER:
-            plan.unavailable.append(requirement.module)
+    bundled = {r.name for r in BUNDLED_WITH_SLICER}
+    torch = next((r for r in requirements if r.name == "torch"), TORCH_REQUIREMENT)
+    torchvision = next((r for r in requirements if r.name == "torchvision"), TORCHVISION_REQUIREMENT)
+    for requirement in requirements:
+        if is_satisfied(requirement):
+            continue
+        if requirement.name in ("torch", "torchvision"):
+            plan.torchvision = str(torchvision.specifier)
+        elif requirement.name in bundled:
+            plan.unavailable.append(requirement.name)
         else:
-            plan.pip.append(requirement.spec)
+            plan.pip.append(str(requirement))
+    if plan.torchvision:  # torchvision is installed for the torch that stays, or with the torch that comes
+        plan.torch = f"=={installed_version('torch')}" if is_satisfied(torch) else str(torch.specifier)
     return plan
 
 
-def install(plan: InstallPlan, install_torch: Callable[[], bool], pip_install: Callable[[str], None]) -> None:
-    """Carry out ``plan`` with the given installers (in Slicer: the PyTorch extension and
-    ``slicer.util.pip_install``). Run on the main thread after the user agreed."""
+TorchInstaller = Callable[[str, str], bool]  # (torch requirement, torchvision requirement) -> installed
+
+
+def install(plan: InstallPlan, install_torch: TorchInstaller, pip_install: Callable[[str], None]) -> list[str]:
+    """Carry out ``plan`` with the given installers (in Slicer: ``PyTorchUtilsLogic.installTorch`` and
+    ``slicer.util.pip_install``), on the main thread, after the user agreed once. Returns the
+    distributions that changed while one of their modules was loaded: Slicer must restart to use them."""
     from hsam.errors import HSAMError
 
     if plan.unavailable:
         raise HSAMError(f"{', '.join(plan.unavailable)} should come with Slicer but is missing: reinstall Slicer")
-    if plan.torch and not install_torch():
+    before = {name: installed_version(name) for name in plan.distributions}
+    if plan.torchvision and not install_torch(plan.torch, plan.torchvision):
         raise HSAMError("PyTorch was not installed: install it from the PyTorch module, then try again")
     if plan.pip:
-        pip_install(" ".join(plan.pip))
+        pip_install("--no-deps " + " ".join(plan.pip))  # never replaces Slicer's numpy or SimpleITK
+    importlib.invalidate_caches()
+    return [
+        name for name, version in before.items()
+        if version is not None and installed_version(name) != version and _loaded(name)
+    ]
+
+
+def _loaded(distribution: str) -> bool:
+    module = import_name(Requirement(distribution))
+    return any(name == module or name.startswith(module + ".") for name in sys.modules)

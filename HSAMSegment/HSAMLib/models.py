@@ -1,5 +1,12 @@
-"""The HSAM models folder: fine-tuned bundles (``*.hsam``) and the official SAM weights cache."""
+"""The HSAM models folder: fine-tuned bundles (``*.hsam``) and the official SAM weights cache.
 
+Bundle metadata is read from the safetensors header (``safetensors`` with numpy), never with torch:
+this module runs in Slicer's own process.
+"""
+
+from __future__ import annotations
+
+import json
 import logging
 import os
 import re
@@ -11,10 +18,17 @@ from typing import Optional
 from hsam.errors import CheckpointError, InputError
 
 MODELS_DIR_ENV = "HSAM_MODELS_DIR"
+HSAM_HOME_ENV = "HSAM_HOME"
 BUNDLE_SUFFIX = ".hsam"
-# Names of the official SAM weights (``hsam.checkpoint.SAM_CHECKPOINTS``), listed here so that the
-# panels can show them before PyTorch is installed.
-SAM_WEIGHTS_NAMES = ("vit_b", "vit_l", "vit_h")
+METADATA_KEY = "hsam"  # ``hsam.bundle.METADATA_KEY``
+# The official SAM weights (``hsam.checkpoint.SAM_CHECKPOINTS``): file names and sizes, listed here so
+# that the panels can show them without torch.
+SAM_WEIGHTS = {
+    "vit_b": ("sam_vit_b_01ec64.pth", 375042383),
+    "vit_l": ("sam_vit_l_0b3195.pth", 1249524607),
+    "vit_h": ("sam_vit_h_4b8939.pth", 2564550879),
+}
+SAM_WEIGHTS_NAMES = tuple(SAM_WEIGHTS)
 
 
 def models_dir(create: bool = True) -> Path:
@@ -27,18 +41,23 @@ def models_dir(create: bool = True) -> Path:
 
 @dataclass
 class ModelEntry:
-    """A bundle in the models folder and its metadata (read without loading weights)."""
+    """A bundle in the models folder and its metadata (``hsam.bundle.BundleMetadata`` fields as a
+    dict, read without loading weights)."""
 
     path: Path
-    metadata: "BundleMetadata"  # noqa: F821 (hsam.bundle, imported on demand: it needs torch)
+    metadata: dict
 
     @property
     def name(self) -> str:
         return self.path.stem
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata.get("class_names", []))
+
     def describe(self) -> str:
-        classes = ", ".join(self.metadata.class_names)
-        return f"{self.name} ({self.metadata.preset}, {self.metadata.num_classes} classes: {classes})"
+        classes = ", ".join(self.class_names)
+        return f"{self.name} ({self.metadata.get('preset')}, {len(self.class_names)} classes: {classes})"
 
 
 def bundle_paths(folder: Optional[Path] = None) -> list[Path]:
@@ -49,9 +68,23 @@ def bundle_paths(folder: Optional[Path] = None) -> list[Path]:
 
 def read_model(path) -> ModelEntry:
     """Metadata of one bundle file; ``CheckpointError`` if it is not an HSAM bundle."""
-    from hsam.bundle import read_bundle_metadata
+    from safetensors import SafetensorError, safe_open
 
-    return ModelEntry(Path(path), read_bundle_metadata(path))
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name} is not an HSAM model or is truncated ({e})") from e
+    try:
+        metadata = json.loads(raw) if raw is not None else None
+    except ValueError as e:
+        raise CheckpointError(f"{path.name} has unreadable HSAM metadata ({e})") from e
+    if not isinstance(metadata, dict) or "preset" not in metadata:
+        raise CheckpointError(f"{path.name} is a safetensors file without HSAM metadata")
+    return ModelEntry(path, metadata)
 
 
 def list_models(folder: Optional[Path] = None) -> tuple[list[ModelEntry], list[str]]:
@@ -66,23 +99,26 @@ def list_models(folder: Optional[Path] = None) -> tuple[list[ModelEntry], list[s
     return entries, problems
 
 
+def sam_cache_dir() -> Path:
+    """The SAM weights cache: ``$HSAM_HOME/checkpoints``, else ``~/.cache/hsam/checkpoints``
+    (``hsam.checkpoint.default_cache_dir``)."""
+    home = os.environ.get(HSAM_HOME_ENV)
+    return Path(home) / "checkpoints" if home else Path.home() / ".cache" / "hsam" / "checkpoints"
+
+
 def sam_weights_path(name: str) -> Path:
     """Where the official SAM weights ``name`` (vit_b, vit_l, vit_h) live once downloaded."""
-    from hsam.checkpoint import SAM_CHECKPOINTS, default_cache_dir
-
-    if name not in SAM_CHECKPOINTS:
-        raise InputError(f"unknown SAM weights '{name}' (choose from {', '.join(SAM_CHECKPOINTS)})")
-    return default_cache_dir() / SAM_CHECKPOINTS[name].filename
+    if name not in SAM_WEIGHTS:
+        raise InputError(f"unknown SAM weights '{name}' (choose from {', '.join(SAM_WEIGHTS)})")
+    return sam_cache_dir() / SAM_WEIGHTS[name][0]
 
 
 def available_sam_weights() -> list[str]:
     """Official SAM weights already in the cache (complete files only)."""
-    from hsam.checkpoint import SAM_CHECKPOINTS
-
     return [
         name
-        for name, info in SAM_CHECKPOINTS.items()
-        if sam_weights_path(name).is_file() and sam_weights_path(name).stat().st_size == info.size
+        for name, (_, size) in SAM_WEIGHTS.items()
+        if sam_weights_path(name).is_file() and sam_weights_path(name).stat().st_size == size
     ]
 
 

@@ -18,7 +18,7 @@ from vtk.util import numpy_support
 
 from hsam.errors import InputError
 from hsam.io import Segment, Volume
-from hsam.preprocess import SLICE_AXES
+from hsam.axes import SLICE_AXES
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # Label value a segment had in the engine's labelmap; kept so that exported labelmaps reuse it.
@@ -273,6 +273,14 @@ def count_annotated_slices(labels: np.ndarray, segments: Sequence[Segment], axis
         counts[segment.name] = {int(i): int(per_slice[i]) for i in np.flatnonzero(per_slice)}
     slices = sorted({i for per_slice in counts.values() for i in per_slice})
     return AnnotatedSlices(axis, slices, counts)
+
+
+def annotation_change_events() -> tuple[int, ...]:
+    """``vtkSegmentation`` events that mean the annotations changed: painting (the Segment Editor
+    modifies a segment's labelmap), adding, removing or renaming a segment."""
+    segmentation = slicer.vtkSegmentation
+    return (segmentation.RepresentationModified, segmentation.SegmentAdded, segmentation.SegmentRemoved,
+            segmentation.SegmentModified)
 
 
 def annotated_slices(segmentationNode, referenceVolumeNode, axis: str = "axial") -> AnnotatedSlices:

@@ -1,88 +1,75 @@
 """Segment a volume node with an HSAM model bundle; export segmentations. Usable without the GUI.
 
-``segment()`` does everything in one call. The GUI splits it so that only ``predict()`` runs in a
-background thread and MRML is touched on the main thread: ``volume_from_node`` → ``predict`` →
-``write_result``.
+The model runs in a worker process (``HSAMLib.worker``): ``startSegmentation`` writes the volume into
+the job's folder and starts ``hsam segment``; when the job has succeeded, ``loadResult`` reads the
+``.seg.nrrd`` it wrote and puts it into the scene on the calling (main) thread. ``segment()`` does
+both and waits. This process never imports torch.
 """
 
-import threading
+from __future__ import annotations
+
 from pathlib import Path
 from typing import Callable, Optional
 
 from hsam.errors import InputError
-from hsam.io import Segment, Volume
+from hsam.io import Segment, read_labelmap, write_volume
 
 from . import mrml
+from .worker import WorkerJob
 
-Progress = Callable[[float, str], None]
-
-
-def segments_from_metadata(metadata) -> list[Segment]:
-    """One ``Segment`` per class of a bundle (names, colours, label values, terminology)."""
-    terminology = metadata.terminology or [None] * metadata.num_classes
-    return [
-        Segment(name, int(value), tuple(color), term)
-        for name, value, color, term in zip(
-            metadata.class_names, metadata.label_values, metadata.class_colors, terminology
-        )
-    ]
+# Called with each batch of progress events of the worker (``hsam.progress``).
+OnEvents = Callable[[list], None]
+INPUT_FILE = "input.nrrd"
+RESULT_FILE = "result.seg.nrrd"
 
 
 class HSAMSegmentLogic:
-    """Volume node + model bundle → segmentation node. Keeps the last loaded model in memory."""
+    """Volume node + model bundle → segmentation node, through an ``hsam segment`` worker process."""
 
-    def __init__(self):
-        self._loaded: Optional[tuple[tuple, object, object]] = None  # (key, model, metadata)
+    def __init__(self, python: Optional[str] = None):
+        self.python = python  # default: PythonSlicer in Slicer, else this interpreter
 
-    def loadModel(self, modelPath, device: str = "auto"):
-        """(model, metadata) of a bundle on ``device``; reused while the file is unchanged."""
-        from hsam.bundle import load_bundle
-        from hsam.inference import select_device
-
-        path = Path(modelPath)
-        if not path.is_file():
-            raise InputError(f"model file not found: {path}")
-        torch_device = select_device(device)
-        key = (str(path.resolve()), path.stat().st_mtime_ns, str(torch_device))
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None  # free the previous model before loading the next one
-            model, metadata = load_bundle(path, map_location=torch_device)
-            self._loaded = (key, model, metadata)
-        return self._loaded[1], self._loaded[2]
-
-    def predict(
+    def startSegmentation(
         self,
-        volume: Volume,
+        volumeNode,
         modelPath,
         device: str = "auto",
         batchSize: int = 4,
         sliceRange: Optional[tuple[int, int]] = None,
-        progress: Optional[Progress] = None,
-        cancel: Optional[threading.Event] = None,
-    ):
-        """Run the model on an engine volume (no MRML; safe in a worker thread).
+    ) -> WorkerJob:
+        """Start segmenting ``volumeNode`` (read from the scene here, on the main thread)."""
+        modelPath = Path(modelPath)
+        if not modelPath.is_file():
+            raise InputError(f"model file not found: {modelPath}")
+        volume = mrml.volume_from_node(volumeNode)
+        job = WorkerJob(self.python, "hsam-segment")
+        try:
+            write_volume(job.folder / INPUT_FILE, volume)
+        except BaseException:
+            job.cleanup()
+            raise
+        arguments = [
+            "segment", job.folder / INPUT_FILE, "--model", modelPath.resolve(), "--output", job.folder / RESULT_FILE,
+            "--device", device, "--batch-size", int(batchSize), "--progress", "json",
+        ]
+        if sliceRange is not None:
+            arguments += ["--slices", f"{int(sliceRange[0])}:{int(sliceRange[1])}"]
+        return job.start(arguments)
 
-        Returns ``(labels (z, y, x), metadata)``; raises ``hsam.Cancelled`` when cancelled.
-        """
-        from hsam.inference import segment_volume
+    def loadResult(self, job: WorkerJob, volumeNode, segmentationNode=None):
+        """Put a finished job's segments (names, colours, terminology, label values) into a new or the
+        given segmentation node, then remove the job's folder. Raises if the job did not succeed."""
+        try:
+            job.check()
+            labels, segments = read_labelmap(job.folder / RESULT_FILE)
+            return self.writeResult(labels, segments, volumeNode, segmentationNode)
+        finally:
+            job.cleanup()
 
-        model, metadata = self.loadModel(modelPath, device)
-        result = segment_volume(
-            model,
-            volume,
-            metadata,
-            device=device,
-            batch_size=batchSize,
-            slice_range=sliceRange,
-            progress=progress,
-            cancel=cancel,
-        )
-        return result.labels, metadata
-
-    def writeResult(self, labels, metadata, volumeNode, segmentationNode=None):
-        """Put predicted labels into a (new or overwritten) segmentation node, on the main thread."""
+    def writeResult(self, labels, segments: list[Segment], volumeNode, segmentationNode=None):
+        """Put labels (z, y, x) on the volume's grid into a (new or overwritten) segmentation node."""
         name = f"{volumeNode.GetName()} HSAM"
-        return mrml.labels_to_segmentation(labels, segments_from_metadata(metadata), volumeNode, segmentationNode, name)
+        return mrml.labels_to_segmentation(labels, segments, volumeNode, segmentationNode, name)
 
     def segment(
         self,
@@ -92,17 +79,16 @@ class HSAMSegmentLogic:
         device: str = "auto",
         batchSize: int = 4,
         sliceRange: Optional[tuple[int, int]] = None,
-        progress: Optional[Progress] = None,
-        cancel: Optional[threading.Event] = None,
+        onEvents: Optional[OnEvents] = None,
     ):
-        """Segment ``volumeNode`` with the bundle at ``modelPath``; returns the segmentation node.
+        """Segment ``volumeNode`` with the bundle at ``modelPath`` and wait; returns the segmentation node.
 
-        ``segmentationNode`` is overwritten if given, else a new node is added. When cancelled,
-        ``hsam.Cancelled`` is raised and the scene is left unchanged.
+        ``segmentationNode`` is overwritten if given, else a new node is added. A failed run raises
+        ``HSAMError`` with the worker's message and leaves the scene unchanged.
         """
-        volume = mrml.volume_from_node(volumeNode)
-        labels, metadata = self.predict(volume, modelPath, device, batchSize, sliceRange, progress, cancel)
-        return self.writeResult(labels, metadata, volumeNode, segmentationNode)
+        job = self.startSegmentation(volumeNode, modelPath, device, batchSize, sliceRange)
+        job.wait(on_events=onEvents)
+        return self.loadResult(job, volumeNode, segmentationNode)
 
     def exportSegmentation(self, segmentationNode, path) -> Path:
         """Write ``path`` (``.seg.nrrd``: segment names, colours, terminology)."""

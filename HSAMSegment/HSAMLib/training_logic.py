@@ -1,20 +1,33 @@
 """Few-shot fine-tuning from MRML nodes: a volume and a segmentation with a few annotated slices.
 
-``finetune()`` does everything in one call. The GUI splits it: ``prepare`` (MRML, main thread) →
-``train`` (background thread, no MRML) → the saved bundle's path.
+Training runs in a worker process (``hsam finetune``): ``prepare`` reads the scene (main thread),
+``startFinetune`` writes the volume and the annotations into the job's folder and starts the worker,
+``saveModel`` moves the finished bundle into the models folder. ``finetune()`` does all of it and
+waits. This process never imports torch.
 """
 
-import threading
-from dataclasses import dataclass, replace
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from hsam.errors import InputError
-from hsam.io import Segment, Volume
+from hsam.io import Segment, Volume, write_segmentation, write_volume
 
 from . import models, mrml
+from .segment_logic import OnEvents
+from .worker import WorkerJob
+
+TINY_PRESET = "tiny"
+SAM_PREFIX = "sam:"
+VOLUME_FILE = "volume.nrrd"
+ANNOTATIONS_FILE = "annotations.seg.nrrd"
+MODEL_FILE = "model.hsam"
 
 
 @dataclass
@@ -27,15 +40,11 @@ class TrainingData:
     annotated: mrml.AnnotatedSlices
 
 
-TINY_PRESET = "tiny"
-SAM_PREFIX = "sam:"
-
-
-def base_model_options(baseModel: str) -> dict:
-    """``FinetuneConfig`` fields for a base model: ``"tiny"`` (trained from scratch),
+def base_model_arguments(baseModel: str) -> list[str]:
+    """``hsam finetune`` options for a base model: ``"tiny"`` (trained from scratch),
     ``"sam:<vit_b|vit_l|vit_h>"`` (official SAM weights, downloaded) or the path of an HSAM bundle."""
     if baseModel == TINY_PRESET:
-        return {"preset": TINY_PRESET}
+        return ["--preset", TINY_PRESET]
     if baseModel.startswith(SAM_PREFIX):
         name = baseModel[len(SAM_PREFIX):]
         path = models.sam_weights_path(name)
@@ -44,39 +53,62 @@ def base_model_options(baseModel: str) -> dict:
                 f"the official SAM {name} weights are not downloaded: download them in the HSAMSegment module "
                 f"or copy {path.name} into {path.parent}"
             )
-        return {"preset": name, "sam_checkpoint": path}
-    entry = models.read_model(baseModel)
-    return {"preset": entry.metadata.preset, "base_bundle": entry.path}
+        return ["--preset", name, "--sam-checkpoint", str(path)]
+    entry = models.read_model(baseModel)  # a readable bundle; the worker takes its preset
+    return ["--base-model", str(entry.path.resolve())]
+
+
+@dataclass
+class TrainingOptions:
+    """Fine-tuning options. Training stops after ``epochs`` or ``timeBudgetSeconds``, whichever comes
+    first; options left at None (or 0) keep the engine's defaults."""
+
+    baseModel: str = TINY_PRESET
+    epochs: Optional[int] = None
+    timeBudgetSeconds: Optional[float] = None
+    learningRate: Optional[float] = None
+    batchSize: int = 2
+    device: str = "auto"
+    sliceAxis: str = "axial"
+    imageSize: Optional[int] = None  # network input; None: the preset's default
+
+    def arguments(self) -> list[str]:
+        """The ``hsam finetune`` options."""
+        if self.sliceAxis not in mrml.SLICE_AXES:
+            raise InputError(f"unknown slice axis '{self.sliceAxis}'")
+        arguments = base_model_arguments(self.baseModel)
+        arguments += ["--batch-size", str(int(self.batchSize)), "--device", self.device]
+        for option, value in (("--epochs", self.epochs), ("--time-budget", self.timeBudgetSeconds),
+                              ("--lr", self.learningRate), ("--img-size", self.imageSize)):
+            if value:
+                arguments += [option, str(value)]
+        return arguments
+
+
+def move_into_folder(source: Path, target: Path) -> Path:
+    """Copy ``source`` beside ``target`` under a temporary name, then rename it: the models folder never
+    holds a partial bundle, even when the job folder is on another file system."""
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return target
 
 
 class HSAMTrainingLogic:
     """Segmentation node with a few annotated slices → fine-tuned HSAM bundle in the models folder."""
 
-    def makeConfig(
-        self,
-        baseModel: str = TINY_PRESET,
-        epochs: Optional[int] = None,
-        timeBudgetSeconds: Optional[float] = None,
-        learningRate: Optional[float] = None,
-        batchSize: int = 2,
-        device: str = "auto",
-        sliceAxis: str = "axial",
-    ):
-        """An ``hsam.training.FinetuneConfig``. Training stops after ``epochs`` or ``timeBudgetSeconds``,
-        whichever comes first; options left at None (or 0) keep the engine's defaults."""
-        from hsam.training import FinetuneConfig
+    def __init__(self, python: Optional[str] = None):
+        self.python = python  # default: PythonSlicer in Slicer, else this interpreter
 
-        if sliceAxis not in mrml.SLICE_AXES:
-            raise InputError(f"unknown slice axis '{sliceAxis}'")
-        return FinetuneConfig(
-            **base_model_options(baseModel),
-            epochs=epochs,
-            time_budget=timeBudgetSeconds or None,
-            learning_rate=learningRate or None,
-            batch_size=batchSize,
-            device=device,
-            slice_axis=sliceAxis,
-        )
+    def makeConfig(self, baseModel: str = TINY_PRESET, **options) -> TrainingOptions:
+        """``TrainingOptions`` (checked now, so that mistakes surface before any work)."""
+        config = TrainingOptions(baseModel, **options)
+        config.arguments()
+        return config
 
     def annotatedSlices(self, volumeNode, segmentationNode, axis: str = "axial") -> mrml.AnnotatedSlices:
         """Annotated slices of the segmentation on the volume's grid, with per-segment counts."""
@@ -93,43 +125,42 @@ class HSAMTrainingLogic:
             raise InputError(f"segments without any annotated slice: {', '.join(annotated.missing)}")
         return TrainingData(volume, labels, segments, annotated)
 
-    def train(
-        self,
-        data: TrainingData,
-        outputName: str,
-        config,
-        progress: Optional[Callable] = None,
-        cancel: Optional[threading.Event] = None,
-        modelsFolder: Optional[Path] = None,
-    ) -> Path:
-        """Fine-tune on ``data`` and save the bundle (no MRML; safe in a worker thread).
+    def startFinetune(self, data: TrainingData, config: TrainingOptions) -> WorkerJob:
+        """Start fine-tuning on the annotated slices of ``data`` in a worker process."""
+        arguments = config.arguments()
+        job = WorkerJob(self.python, "hsam-finetune")
+        try:
+            write_volume(job.folder / VOLUME_FILE, data.volume)
+            write_segmentation(job.folder / ANNOTATIONS_FILE, data.labels, data.volume, data.segments)
+        except BaseException:
+            job.cleanup()
+            raise
+        slices = ",".join(str(i) for i in data.annotated.slices)
+        return job.start([
+            "finetune", job.folder / VOLUME_FILE, job.folder / ANNOTATIONS_FILE, "--output", job.folder / MODEL_FILE,
+            "--slices", slices, *arguments, "--axis", data.annotated.axis, "--progress", "json",
+        ])
 
-        ``config`` is an ``hsam.training.FinetuneConfig``; its slices default to the annotated ones
-        and its axis to the one ``data`` was counted along. Returns the bundle's path: a new
-        file in the models folder, named after ``outputName`` (made unique). Nothing is written
-        when cancelled (``hsam.Cancelled``).
-        """
-        from hsam.bundle import save_bundle
-        from hsam.training import finetune
-
-        config = replace(
-            config,
-            slices=config.slices if config.slices is not None else data.annotated.slices,
-            slice_axis=data.annotated.axis,
-        )
-        result = finetune(data.volume, data.labels, data.segments, config, progress=progress, cancel=cancel)
-        return save_bundle(models.unique_model_path(outputName, modelsFolder), result.model, result.metadata)
+    def saveModel(self, job: WorkerJob, outputName: str, modelsFolder: Optional[Path] = None) -> Path:
+        """Move a finished job's bundle into the models folder, named after ``outputName`` (made unique);
+        then remove the job's folder. Raises if the job did not succeed."""
+        try:
+            job.check()
+            return move_into_folder(job.folder / MODEL_FILE, models.unique_model_path(outputName, modelsFolder))
+        finally:
+            job.cleanup()
 
     def finetune(
         self,
         volumeNode,
         segmentationNode,
         outputName: str,
-        config,
-        progress: Optional[Callable] = None,
-        cancel: Optional[threading.Event] = None,
+        config: TrainingOptions,
+        onEvents: Optional[OnEvents] = None,
         modelsFolder: Optional[Path] = None,
     ) -> Path:
-        """Fine-tune a model on the annotated slices of ``segmentationNode``; returns the bundle path."""
-        data = self.prepare(volumeNode, segmentationNode, config.slice_axis)
-        return self.train(data, outputName, config, progress, cancel, modelsFolder)
+        """Fine-tune a model on the annotated slices of ``segmentationNode`` and wait; returns the bundle path."""
+        data = self.prepare(volumeNode, segmentationNode, config.sliceAxis)
+        job = self.startFinetune(data, config)
+        job.wait(on_events=onEvents)
+        return self.saveModel(job, outputName, modelsFolder)

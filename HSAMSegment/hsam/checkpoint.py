@@ -3,6 +3,8 @@
 Every file is read with ``torch.load(weights_only=True)``: tensors only, never pickled code.
 """
 
+from __future__ import annotations
+
 import hashlib
 import os
 import pickle

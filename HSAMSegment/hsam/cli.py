@@ -2,7 +2,8 @@
 
 Exit status: 0 on success, 2 for bad input or an impossible request (one ``hsam: error: ...`` line),
 130 when interrupted with Ctrl-C. Heavy modules (torch) are imported by the commands, so ``--help``
-is instant.
+is instant. ``segment``, ``finetune`` and ``download`` take ``--progress json`` for programs that
+follow them (``hsam.progress``: one JSON object per line on stdout).
 """
 
 import argparse
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Sequence
 from . import __version__
 from .errors import HSAMError, InputError
 from .io import write_atomic
+from .progress import JsonProgress
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -61,7 +63,7 @@ class _ProgressBar:
         self._enabled = enabled
         self._bar = None
 
-    def __call__(self, fraction: float, message: str) -> None:
+    def __call__(self, fraction: float, message: str, **details) -> None:
         if self._bar is None:
             from tqdm import tqdm
 
@@ -72,12 +74,22 @@ class _ProgressBar:
         self._bar.update(max(0, round(fraction * self.STEPS) - self._bar.n))
         self._bar.set_postfix_str(message, refresh=True)
 
+    def start(self, phase: str, message: str) -> None:
+        """A new step of the command; the bar shows it with the next callback."""
+
     def __enter__(self) -> "_ProgressBar":
         return self
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _progress(args: argparse.Namespace, description: str, phase: str, enabled: bool = True):
+    """The command's progress reporter: a tqdm bar on stderr, or JSON lines on stdout (``--progress json``)."""
+    if args.progress == "json" and enabled:
+        return JsonProgress(phase)
+    return _ProgressBar(description, enabled=enabled)
 
 
 def _int_list(text: str) -> list[int]:
@@ -122,15 +134,19 @@ def _segment(args: argparse.Namespace) -> None:
         _check_output(Path(args.probabilities), args.overwrite, PROBABILITY_SUFFIXES, "probability file")
     device = select_device(args.device)
     resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
+    bar = _progress(args, f"segmenting on {device.type}", "load")
+    bar.start("load", f"loading {Path(args.volume).name} and {Path(args.model).name}")
     volume = read_volume(args.volume)
     model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
     started = time.monotonic()
-    with _ProgressBar(f"segmenting on {device.type}") as bar:
+    with bar:
+        bar.start("segment", f"segmenting on {device.type}")
         result = segment_volume(
             model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
             slice_range=args.slices, progress=bar, return_probabilities=args.probabilities is not None,
             largest_component=args.largest_component,
         )
+        bar.start("write", f"writing {output.name}")
     if _suffix(output, (SEGMENTATION_SUFFIX,)):
         segments = [
             Segment(name, int(value), tuple(color), term)
@@ -143,8 +159,12 @@ def _segment(args: argparse.Namespace) -> None:
         write_labelmap(output, result.labels, volume, overwrite=args.overwrite)
     if args.probabilities is not None:
         _write_probabilities(Path(args.probabilities), result.probabilities, volume)
-    print(f"{Path(args.model).name} ({metadata.preset}; {', '.join(metadata.class_names)}) in "
-          f"{time.monotonic() - started:.1f} s on {describe_device(device)}", file=sys.stderr)
+    summary = (f"{Path(args.model).name} ({metadata.preset}; {', '.join(metadata.class_names)}) in "
+               f"{time.monotonic() - started:.1f} s on {describe_device(device)}")
+    if isinstance(bar, JsonProgress):
+        bar.result(summary, output=output, probabilities=args.probabilities)
+        return
+    print(summary, file=sys.stderr)
     print(output)
 
 
@@ -214,17 +234,24 @@ def _finetune(args: argparse.Namespace) -> None:
         validation_volumes=args.validation_volumes,
     )
     main_process = is_main_process()
-    with _ProgressBar("fine-tuning", enabled=main_process) as bar:
+    with _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
         def on_step(p) -> None:
             dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
-            bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}")
+            bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}",
+                epoch=p.epoch, step=p.step, loss=p.loss, val_dice=p.val_dice)
 
+        volumes = cases[0].name if len(cases) == 1 else f"{len(cases)} volumes"
+        bar.start("train", f"fine-tuning {config.preset} on {volumes}")
         result = finetune_cohort(cases, config, progress=on_step)
     if main_process:
+        bar.start("save", f"saving {output.name}")
         save_bundle(output, result.model, result.metadata, overwrite=args.overwrite)
         training = result.metadata.training
-        print(f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s; "
-              f"saved {output}")
+        summary = f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s"
+        if isinstance(bar, JsonProgress):
+            bar.result(summary, output=output)
+        else:
+            print(f"{summary}; saved {output}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -331,9 +358,19 @@ def _info_bundle(path: Path) -> None:
 def _download(args: argparse.Namespace) -> None:
     from .download import download_sam_weights
 
-    with _ProgressBar(f"SAM {args.name}") as bar:
+    with _progress(args, f"SAM {args.name}", "download") as bar:
         path = download_sam_weights(args.name, cache_dir=args.cache_dir, progress=bar)
-    print(path)
+    if isinstance(bar, JsonProgress):
+        bar.result(f"SAM {args.name} weights in {path.parent}", output=path)
+    else:
+        print(path)
+
+
+def _devices(args: argparse.Namespace) -> None:
+    from .devices import describe_probe, probe_devices
+
+    probe = probe_devices()
+    print(json.dumps(probe) if args.json else "\n".join(describe_probe(probe)))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -368,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
                        help="CMAttn variant: reference = the authors' code (default), paper = as the paper describes it")
 
+    def progress_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--progress", default="bar", choices=("bar", "json"),
+                       help="bar: a progress bar on stderr (default); json: one JSON object per line on stdout "
+                       "(event, phase, fraction, message; epoch, loss, val_dice when training), for programs")
+
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=DEVICES,
                        help="where to compute; auto: a CUDA GPU, then Apple MPS, then the CPU (default: auto)")
@@ -397,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    progress_option(p)
     p.set_defaults(run=_segment)
 
     p = commands.add_parser(
@@ -446,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed_option(p)
     cmattn_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    progress_option(p)
     p.set_defaults(run=_finetune)
 
     p = commands.add_parser(
@@ -479,7 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", choices=("vit_b", "vit_l", "vit_h"), help="vit_b (375 MB), vit_l (1.2 GB) or vit_h (2.6 GB)")
     p.add_argument("--cache-dir", metavar="DIR", help="download into this folder instead")
+    progress_option(p)
     p.set_defaults(run=_download)
+
+    p = commands.add_parser(
+        "devices", help="list the GPUs and the CPU PyTorch can use",
+        description="Describe what PyTorch can compute on: CUDA GPUs (name, memory, bfloat16), Apple MPS, the CPU, "
+        "the torch version and build, and the device `--device auto` picks.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines for people")
+    p.set_defaults(run=_devices)
 
     p = commands.add_parser(
         "demo", help="fine-tune on a brain template and segment it",

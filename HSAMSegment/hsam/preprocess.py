@@ -13,10 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .axes import SLICE_AXES
 from .errors import InputError
-
-# Slice axis name -> axis of a (z, y, x) array.
-SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 CT_WINDOW = (-125.0, 275.0)
 PERCENTILES = (0.5, 99.5)

@@ -1,0 +1,302 @@
+"""The engine in a worker process (``HSAMLib.worker``), against real ``python -m hsam`` processes:
+progress stream, cancel, a killed worker, bad input, the device probe, and the MRML round trip."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hsam.build import build_hsam
+from hsam.bundle import BundleMetadata, read_bundle_metadata, save_bundle
+from hsam.inference import segment_volume
+from hsam.io import Segment, Volume, write_volume
+from hsam.preprocess import IntensityPreprocessing
+from phantom import phantom_arrays
+
+from HSAMLib import devices
+from HSAMLib.worker import CANCELLED, FAILED, SUCCEEDED, WorkerJob
+
+CLASSES = [
+    Segment("ellipsoid", 3, (0.9, 0.3, 0.2), "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"),
+    Segment("sphere", 5, (0.2, 0.6, 0.9), None),
+]
+CANCEL_LIMIT_SECONDS = 2.0
+
+
+def phantom_volume(depth: int) -> tuple[Volume, np.ndarray]:
+    image, labels = phantom_arrays((depth, 40, 48), label_values=[s.label_value for s in CLASSES])
+    return Volume((image * 1000).astype(np.int16), (0.8, 0.7, 2.0), (-20.0, -15.0, -7.0)), labels
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """An untrained tiny model (224 px) for the two classes."""
+    torch.manual_seed(0)
+    metadata = BundleMetadata(
+        preset="tiny", img_size=224, num_classes=2, class_names=[s.name for s in CLASSES],
+        class_colors=[s.color for s in CLASSES], label_values=[s.label_value for s in CLASSES],
+        preprocessing=IntensityPreprocessing(mode="percentile").to_dict(),
+        terminology=[s.terminology for s in CLASSES],
+    )
+    path = tmp_path_factory.mktemp("model") / "tiny.hsam"
+    return save_bundle(path, build_hsam("tiny", num_classes=2, img_size=224).eval(), metadata)
+
+
+@pytest.fixture(scope="module")
+def volume_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("volume") / "volume.nrrd"
+    write_volume(path, phantom_volume(40)[0])
+    return path
+
+
+def segment_job(volume_file, bundle, output_folder, *options) -> WorkerJob:
+    job = WorkerJob()
+    return job.start(["segment", volume_file, "-m", bundle, "-o", output_folder / "result.seg.nrrd",
+                      "--device", "cpu", "--progress", "json", *options])
+
+
+def wait_for_event(job: WorkerJob, phase: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in job.poll():
+            if event.get("phase") == phase and event["fraction"] > 0:
+                return event
+        assert job.running, job.error
+        time.sleep(0.02)
+    raise AssertionError(f"no {phase} progress within {timeout} s")
+
+
+def assert_gone(job: WorkerJob) -> None:
+    assert job.process.poll() is not None
+    if sys.platform != "win32":
+        with pytest.raises(ProcessLookupError):
+            os.killpg(job.process.pid, 0)  # no process of the worker's group is left
+    assert not job.folder.exists()
+
+
+def test_segment_progress_reaches_one_in_order_and_result_is_written(volume_file, bundle, tmp_path):
+    job = segment_job(volume_file, bundle, tmp_path, "--slices", "10:17")
+    events = []
+    assert job.wait(timeout=120, on_events=events.extend)
+
+    assert job.state == SUCCEEDED and job.error is None
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [e["phase"] for e in events][:2] == ["load", "segment"]
+    assert any(e["phase"] == "segment" and 0 < e["fraction"] < 1 for e in events)
+    assert events[-1]["event"] == "result" and job.result == events[-1]
+    assert events[-1]["output"] == str(tmp_path / "result.seg.nrrd")
+    assert (tmp_path / "result.seg.nrrd").is_file()
+    job.cleanup()
+    assert not job.folder.exists()
+
+
+def test_cancel_while_segmenting_stops_within_two_seconds_and_leaves_nothing(volume_file, bundle, tmp_path):
+    job_output = tmp_path / "out"
+    job_output.mkdir()
+    job = segment_job(volume_file, bundle, job_output)
+    wait_for_event(job, "segment")
+
+    started = time.monotonic()
+    job.cancel()
+    elapsed = time.monotonic() - started
+
+    assert elapsed < CANCEL_LIMIT_SECONDS
+    assert job.state == CANCELLED
+    assert_gone(job)
+    assert list(job_output.iterdir()) == []
+
+
+def test_an_error_while_waiting_ends_the_worker(volume_file, bundle, tmp_path):
+    job = segment_job(volume_file, bundle, tmp_path)
+
+    def interrupted(events):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        job.wait(timeout=60, on_events=interrupted)
+    assert job.state == CANCELLED
+    assert_gone(job)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def training_files(tmp_path_factory):
+    from hsam.io import write_segmentation
+
+    folder = tmp_path_factory.mktemp("training")
+    volume, labels = phantom_volume(8)
+    write_volume(folder / "volume.nrrd", volume)
+    write_segmentation(folder / "labels.seg.nrrd", labels, volume, CLASSES)
+    return folder / "volume.nrrd", folder / "labels.seg.nrrd"
+
+
+def finetune_job(training_files, output, *options) -> WorkerJob:
+    volume, labels = training_files
+    return WorkerJob().start(["finetune", volume, labels, "-o", output, "--img-size", "224", "--device", "cpu",
+                              "--slices", "1,2,3,4,5,6", "--progress", "json", *options])
+
+
+def test_finetune_reports_epochs_losses_and_reaches_one(training_files, tmp_path):
+    job = finetune_job(training_files, tmp_path / "model.hsam", "--epochs", "3")
+    events = []
+    assert job.wait(timeout=180, on_events=events.extend), "fine-tuning did not end"
+    job.cleanup()
+
+    assert job.state == SUCCEEDED, job.error
+    training = [e for e in events if e["phase"] == "train" and e.get("loss") is not None]
+    assert [e["epoch"] for e in training] == sorted(e["epoch"] for e in training) and len(training) >= 3
+    assert all(np.isfinite(e["loss"]) for e in training)
+    assert any(e["val_dice"] is not None for e in training)  # validation slice held out of 6
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and events[-1]["fraction"] == 1.0 and events[-1]["event"] == "result"
+    assert read_bundle_metadata(tmp_path / "model.hsam").class_names == ["ellipsoid", "sphere"]
+
+
+def test_cancel_while_training_stops_within_two_seconds_and_leaves_nothing(training_files, tmp_path):
+    job = finetune_job(training_files, tmp_path / "model.hsam", "--epochs", "1000")
+    wait_for_event(job, "train")
+
+    started = time.monotonic()
+    job.cancel()
+
+    assert time.monotonic() - started < CANCEL_LIMIT_SECONDS
+    assert job.state == CANCELLED
+    assert_gone(job)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_killed_worker_is_reported_as_failed(volume_file, bundle, tmp_path):
+    job = segment_job(volume_file, bundle, tmp_path)
+    wait_for_event(job, "segment")
+    os.kill(job.process.pid, signal.SIGKILL)
+
+    assert job.wait(timeout=10)
+    assert job.state == FAILED
+    assert "SIGKILL" in job.error and "memory" in job.error
+    with pytest.raises(Exception, match="SIGKILL"):
+        job.check()
+    job.cleanup()
+
+
+def test_bad_input_comes_back_as_the_cli_one_line_message(bundle, tmp_path):
+    flat = tmp_path / "flat.nrrd"
+    array = np.zeros((4, 20, 30), np.float32)
+    array[1, 2, 3] = np.nan
+    write_volume(flat, Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    job = segment_job(flat, bundle, tmp_path)
+    assert job.wait(timeout=60)
+    cli = subprocess.run([sys.executable, "-m", "hsam", "segment", str(flat), "-m", str(bundle), "-o",
+                          str(tmp_path / "x.seg.nrrd")], capture_output=True, encoding="utf-8", timeout=60)
+
+    assert job.state == FAILED and cli.returncode == job.process.returncode == 2
+    assert f"hsam: error: {job.error}" == cli.stderr.strip()
+    assert "NaN" in job.error and "Traceback" not in job.error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.nrrd"]
+    job.cleanup()
+
+
+def test_a_crash_is_reported_with_its_last_line(tmp_path):
+    job = WorkerJob()
+    job.command = lambda arguments: [sys.executable, "-c", "import sys; sys.stderr.write('Traceback\\nMemoryError: boom\\n'); sys.exit(1)"]
+    job.start([])
+    assert job.wait(timeout=30)
+    assert job.state == FAILED and job.error.endswith("(exit status 1): MemoryError: boom")
+    job.cleanup()
+
+
+def test_device_probe_json_on_this_machine():
+    job = devices.startProbe()
+    assert job.wait(timeout=60)
+    probe = devices.probeResult(job)
+    assert not job.folder.exists()
+
+    assert probe["torch"]["version"] == torch.__version__
+    assert probe["cuda"]["available"] == torch.cuda.is_available()
+    assert len(probe["cuda"]["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert probe["cpu"]["cores"] == os.cpu_count() and isinstance(probe["cpu"]["bf16"], bool)
+    assert isinstance(probe["mps"]["available"], bool)
+    assert devices.describeChoice(probe, "auto") == probe["auto"]
+    if not torch.cuda.is_available():
+        assert "No CUDA GPU" in devices.describeChoice(probe, "cuda")
+    cli = subprocess.run([sys.executable, "-m", "hsam", "devices", "--json"], capture_output=True, encoding="utf-8",
+                         timeout=60)
+    assert json.loads(cli.stdout).keys() == probe.keys()
+
+
+# --- the Slicer-side logic through the worker, on a real MRML scene ------------------------------
+
+
+def test_segment_logic_through_the_worker_matches_the_engine(scene, bundle):
+    from HSAMLib import mrml
+    from HSAMLib.segment_logic import HSAMSegmentLogic
+
+    from hsam.bundle import load_bundle
+
+    volume = phantom_volume(6)[0]
+    volume_node = mrml.node_from_volume(volume, scene, "CT")
+    events = []
+    node = HSAMSegmentLogic().segment(volume_node, bundle, device="cpu", batchSize=2, onEvents=events.extend)
+
+    model, metadata = load_bundle(bundle)
+    expected = segment_volume(model, mrml.volume_from_node(volume_node), metadata, device="cpu", batch_size=2).labels
+    labels, segments = mrml.labels_from_segmentation(node, volume_node)
+    assert [(s.name, s.color) for s in segments] == [(s.name, s.color) for s in CLASSES]
+    assert segments[0].terminology == CLASSES[0].terminology
+    ordinal = np.zeros_like(expected)
+    for index, segment in enumerate(CLASSES, start=1):
+        ordinal[expected == segment.label_value] = index
+    np.testing.assert_array_equal(labels, ordinal)
+    assert events[-1]["fraction"] == 1.0
+
+
+def test_a_failed_segmentation_leaves_the_scene_unchanged(scene, tmp_path):
+    from hsam.errors import HSAMError
+    from HSAMLib import mrml
+    from HSAMLib.segment_logic import HSAMSegmentLogic
+
+    broken = tmp_path / "broken.hsam"
+    broken.write_bytes(b"not a model")
+    volume_node = mrml.node_from_volume(phantom_volume(4)[0], scene, "CT")
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(HSAMError, match="broken.hsam"):
+        HSAMSegmentLogic().segment(volume_node, broken, device="cpu")
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_finetune_logic_through_the_worker_saves_into_the_models_folder(scene, tmp_path):
+    from HSAMLib import mrml
+    from HSAMLib.training_logic import HSAMTrainingLogic
+
+    volume, labels = phantom_volume(8)
+    volume_node = mrml.node_from_volume(volume, scene, "CT")
+    annotations = np.zeros_like(labels)
+    annotations[[2, 5]] = labels[[2, 5]]
+    segmentation = mrml.labels_to_segmentation(annotations, CLASSES, volume_node)
+    trainer = HSAMTrainingLogic()
+    config = trainer.makeConfig("tiny", epochs=1, batchSize=2, device="cpu", imageSize=224)
+    events = []
+    path = trainer.finetune(volume_node, segmentation, "my model", config, onEvents=events.extend, modelsFolder=tmp_path)
+
+    assert path == tmp_path / "my_model.hsam" and sorted(p.name for p in tmp_path.iterdir()) == ["my_model.hsam"]
+    metadata = read_bundle_metadata(path)
+    assert metadata.class_names == ["ellipsoid", "sphere"] and metadata.terminology[0] == CLASSES[0].terminology
+    assert any(e.get("loss") is not None for e in events) and events[-1]["fraction"] == 1.0
+
+
+def test_slicer_side_modules_never_import_torch():
+    code = (
+        "import sys\n"
+        "from HSAMLib import dependencies, devices, models, mrml, plots, segment_logic, training_logic, worker\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'segment_anything')))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(devices.__file__).rsplit(os.sep, 2)[0])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
