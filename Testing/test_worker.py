@@ -290,6 +290,33 @@ def test_finetune_logic_through_the_worker_saves_into_the_models_folder(scene, t
     assert any(e.get("loss") is not None for e in events) and events[-1]["fraction"] == 1.0
 
 
+def test_finetune_logic_trains_one_model_on_several_pairs(scene, tmp_path):
+    """Two (volume, segmentation) pairs on different grids; the second annotates only the ellipsoid."""
+    from HSAMLib import mrml
+    from HSAMLib.training_logic import HSAMTrainingLogic
+
+    pairs = []
+    for name, depth, spacing, classes in (("first", 8, (0.8, 0.7, 2.0), CLASSES), ("second", 10, (1.0, 1.0, 1.5), CLASSES[:1])):
+        volume, labels = phantom_volume(depth)
+        volume.spacing = spacing
+        node = mrml.node_from_volume(volume, scene, name)
+        annotations = np.zeros_like(labels)
+        annotations[[2, 5]] = labels[[2, 5]]
+        annotations[annotations == CLASSES[1].label_value] = 0 if len(classes) == 1 else CLASSES[1].label_value
+        pairs.append((node, mrml.labels_to_segmentation(annotations, classes, node)))
+    trainer = HSAMTrainingLogic()
+    config = trainer.makeConfig("tiny", epochs=1, batchSize=2, device="cpu", imageSize=224)
+    path = trainer.finetuneCohort(pairs, "cohort model", config, modelsFolder=tmp_path)
+
+    metadata = read_bundle_metadata(path)
+    assert metadata.class_names == ["ellipsoid", "sphere"]
+    cases = metadata.training["cases"]
+    assert [c["name"] for c in cases] == ["first", "second"] and [c["shape"][0] for c in cases] == [8, 10]
+    assert cases[1]["labelled_voxels"]["sphere"] == 0 and cases[1]["slices"] == [2, 5]
+    with pytest.raises(Exception, match="add at least one"):
+        trainer.finetuneCohort([], "empty", config, modelsFolder=tmp_path)
+
+
 def test_slicer_side_modules_never_import_torch():
     code = (
         "import sys\n"
