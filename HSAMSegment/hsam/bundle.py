@@ -50,7 +50,6 @@ class BundleMetadata:
     label_values: list[int]
     preprocessing: dict
     slice_axis: str = "axial"
-    slice_context: int = 0
     terminology: list[Optional[str]] = field(default_factory=list)
     cmattn: str = "reference"
     lora_rank: int = 5

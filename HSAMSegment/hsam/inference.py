@@ -21,7 +21,7 @@ from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
 from .errors import Cancelled, HSAMError, InputError
 from .modeling.hsam import HSAM
 from .modeling.image_encoder import release_scratch_buffer
-from .preprocess import SLICE_AXES, IntensityPreprocessing, context_indices, logits_to_grid, slices_to_model_input
+from .preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
 
 Progress = Callable[[float, str], None]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -154,16 +154,8 @@ def _label_dtype(label_values: list[int]) -> np.dtype:
     return np.dtype(np.uint8 if largest < 2**8 else np.uint16 if largest < 2**16 else np.uint32)
 
 
-def _batch_input(source_slices: np.ndarray, start: int, end: int, metadata) -> np.ndarray:
-    """Slices start..end-1 of (D, H, W) ``source_slices``: (B, H, W), or (B, 3, H, W) with the
-    neighbours the model was trained with (``slice_context``)."""
-    if not metadata.slice_context:
-        return source_slices[start:end]
-    return source_slices[context_indices(np.arange(start, end), len(source_slices), metadata.slice_context)]
-
-
 def _forward(model: HSAM, slices: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """slices: (B, H, W) or (B, 3, H, W) in [0, 1] on the model's device -> float32 logits (B, C+1, H, W)."""
+    """slices: (B, H, W) in [0, 1] on the model's device -> float32 logits (B, C+1, H, W)."""
     images = slices_to_model_input(slices, model.img_size)
     device_type = slices.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -257,8 +249,7 @@ def segment_volume(
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("segmentation cancelled")
                 end = min(index + batch, stop)
-                slices = torch.from_numpy(preprocessing.apply(_batch_input(source_slices, index, end, metadata),
-                                                              intensity_range))
+                slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
                 try:
                     logits = _forward(model, slices.to(torch_device), autocast_dtype)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
