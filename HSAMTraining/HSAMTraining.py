@@ -86,6 +86,7 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._summaryKey = None
         self._summaryTimer = None
         self._observedSegmentation = None
+        self._pairs = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -108,9 +109,48 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
         self.ui.showPlotButton.connect("clicked(bool)", self.showPlot)
+        self._setupPairsList()
 
         self.refreshBaseModels()
         self.initializeParameterNode()
+
+    def _setupPairsList(self) -> None:
+        """Below the inputs: more (volume, segmentation) pairs that the same model trains on."""
+        import qt
+
+        from HSAMLib.training_logic import TrainingPairs
+
+        self._pairs = TrainingPairs()
+        self.pairsList = qt.QListWidget()
+        self.pairsList.toolTip = ("Other annotated (volume, segmentation) pairs, e.g. other patients: one model "
+                                  "trains on the annotated slices of all of them and of the pair above.")
+        self.pairsList.setMaximumHeight(90)
+        addButton = qt.QPushButton("Add pair above")
+        addButton.toolTip = "Add the volume and segmentation selected above to the training pairs"
+        removeButton = qt.QPushButton("Remove")
+        addButton.connect("clicked(bool)", self.onAddPair)
+        removeButton.connect("clicked(bool)", self.onRemovePair)
+        buttons = qt.QHBoxLayout()
+        buttons.addWidget(addButton)
+        buttons.addWidget(removeButton)
+        form = self.ui.inputsCollapsibleButton.layout()
+        form.addRow("More training pairs:", self.pairsList)
+        form.addRow("", buttons)
+
+    def onAddPair(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not add the pair."):
+            p = self._parameterNode
+            self._pairs.add(p.inputVolume, p.segmentation)
+            self.updatePairsList()
+
+    def onRemovePair(self) -> None:
+        self._pairs.remove(self.pairsList.currentRow)
+        self.updatePairsList()
+
+    def updatePairsList(self) -> None:
+        self.pairsList.clear()
+        for name in self._pairs.names(slicer.mrmlScene):
+            self.pairsList.addItem(name)
 
     def cleanup(self) -> None:
         self._job.stop()
@@ -135,6 +175,8 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self._job.cancel()
         self._curves = None
+        self._pairs.ids.clear()
+        self.updatePairsList()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -253,7 +295,11 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             p = self._parameterNode
             trainer = self.logic.trainer
-            data = trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis)
+            pairs = self._pairs.cohort(slicer.mrmlScene, p.inputVolume, p.segmentation)
+            if len(pairs) == 1:
+                data = [trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis)]
+            else:
+                data = trainer.prepareCohort(pairs, p.sliceAxis)
             config = trainer.makeConfig(
                 baseModel=p.baseModel,
                 epochs=p.epochs,
@@ -268,7 +314,8 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._curves = TrainingCurves(slicer.mrmlScene, f"HSAM training {name}")
             self.showPlot()
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = f"Training on {len(data.annotated.slices)} slices…"
+            slices = sum(len(d.annotated.slices) for d in data)
+            self.ui.statusLabel.text = f"Training on {slices} slices of {len(data)} volume(s)…"
             self.updateButtons()
 
     def showPlot(self) -> None:

@@ -103,6 +103,39 @@ def move_into_folder(source: Path, target: Path) -> Path:
     return target
 
 
+class TrainingPairs:
+    """The (volume, segmentation) pairs a model trains on besides the panel's current one, kept as node
+    IDs so that a pair whose node was deleted drops out."""
+
+    def __init__(self) -> None:
+        self.ids: list[tuple[str, str]] = []
+
+    def add(self, volumeNode, segmentationNode) -> None:
+        """Add a pair (a pair already listed is not added twice)."""
+        if volumeNode is None or segmentationNode is None:
+            raise InputError("select a volume and its segmentation to add them as a training pair")
+        pair = (volumeNode.GetID(), segmentationNode.GetID())
+        if pair not in self.ids:
+            self.ids.append(pair)
+
+    def remove(self, index: int) -> None:
+        if 0 <= index < len(self.ids):
+            del self.ids[index]
+
+    def nodes(self, scene) -> list[tuple]:
+        """The listed pairs still in ``scene``, as (volume node, segmentation node)."""
+        pairs = [(scene.GetNodeByID(v), scene.GetNodeByID(s)) for v, s in self.ids]
+        return [(v, s) for v, s in pairs if v is not None and s is not None]
+
+    def cohort(self, scene, volumeNode, segmentationNode) -> list[tuple]:
+        """The current pair first, then the listed ones (without repeating the current pair)."""
+        current = (volumeNode, segmentationNode)
+        return [current] + [pair for pair in self.nodes(scene) if pair != current]
+
+    def names(self, scene) -> list[str]:
+        return [f"{v.GetName()} — {s.GetName()}" for v, s in self.nodes(scene)]
+
+
 class HSAMTrainingLogic:
     """Segmentation node with a few annotated slices → fine-tuned HSAM bundle in the models folder."""
 
