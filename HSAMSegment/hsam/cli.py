@@ -1,49 +1,56 @@
 """The ``hsam`` command line: segment, fine-tune, evaluate, inspect models, download SAM weights, demo.
 
 Exit status: 0 on success, 2 for bad input or an impossible request (one ``hsam: error: ...`` line),
-130 when interrupted with Ctrl-C. Heavy modules (torch) are imported by the commands, so ``--help``
-is instant.
+1 for an internal error (one line; ``hsam --debug ...`` shows the traceback), 130 when interrupted
+with Ctrl-C. Arguments, paths and model files are checked before torch is imported, so ``--help``,
+``info`` and bad input answer at once. Warnings from HSAM are one ``hsam: warning: ...`` line each;
+other libraries' warnings are not shown.
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from . import __version__
-from .errors import HSAMError, InputError
-from .io import write_atomic
+from .errors import HSAMError, HSAMWarning, InputError, printable
+from .files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 PROBABILITY_SUFFIXES = (".npy", ".nrrd", ".nii.gz", ".nii", ".mha")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EXIT_INTERNAL_ERROR = 1
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other tools in a pipeline
 
 
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _suffix(path: Path, allowed: Sequence[str]) -> Optional[str]:
-    name = path.name.lower()
-    return next((s for s in allowed if name.endswith(s)), None)
-
-
 def _check_output(path: Path, overwrite: bool, allowed: Sequence[str], what: str) -> None:
-    """Fail before any work when ``path`` cannot be written."""
-    if _suffix(path, allowed) is None:
-        raise InputError(f"{what} {path.name} must end with {', '.join(allowed)}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"folder {folder} is not writable")
+    """Fail before any work when ``path`` has the wrong suffix or cannot be written."""
+    if not path.name.lower().endswith(tuple(allowed)):
+        raise InputError(f"{what} {printable(path.name)} must end with {', '.join(allowed)}")
+    check_writable(path, overwrite)
+
+
+def _check_input(path: Optional[str], what: str) -> None:
+    """Fail before any work when the file or folder ``path`` (if given) cannot be read."""
+    if path is None:
+        return
+    if not Path(path).exists():
+        raise InputError(f"{what} not found: {printable(path)}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {printable(path)} is not readable (permission denied)")
 
 
 class _ProgressBar:
@@ -108,76 +115,93 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _segment(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    probabilities = Path(args.probabilities) if args.probabilities is not None else None
+    _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
+    if probabilities is not None:
+        _check_output(probabilities, args.overwrite, PROBABILITY_SUFFIXES, "probability file")
+    for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
+        _check_input(path, what)
+    check_distinct([output, probabilities], [args.volume, args.model, args.sam_checkpoint])
+    from .bundle import read_bundle_metadata
+    from .io import Segment, read_volume, write_output
+
+    read_bundle_metadata(args.model)  # a bad model file is refused before the volume is read
+    volume = read_volume(args.volume, series=args.series)
+
     from .bundle import load_bundle
     from .inference import describe_device, segment_volume, select_device
-    from .io import Segment, read_volume, write_labelmap, write_segmentation
 
-    output = Path(args.output)
-    _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
-    if args.probabilities is not None:
-        _check_output(Path(args.probabilities), args.overwrite, PROBABILITY_SUFFIXES, "probability file")
     device = select_device(args.device)
-    volume = read_volume(args.volume)
     model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
     started = time.monotonic()
     with _ProgressBar(f"segmenting on {device.type}") as bar:
         result = segment_volume(
             model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
-            slice_range=args.slices, progress=bar, return_probabilities=args.probabilities is not None,
+            slice_range=args.slices, progress=bar, return_probabilities=probabilities is not None,
             largest_component=args.largest_component,
         )
-    if _suffix(output, (SEGMENTATION_SUFFIX,)):
-        segments = [
-            Segment(name, int(value), tuple(color), term)
-            for name, value, color, term in zip(
-                metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
-            )
-        ]
-        write_segmentation(output, result.labels, volume, segments, overwrite=args.overwrite)
-    else:
-        write_labelmap(output, result.labels, volume, overwrite=args.overwrite)
-    if args.probabilities is not None:
-        _write_probabilities(Path(args.probabilities), result.probabilities, volume)
-    print(f"{Path(args.model).name} ({metadata.preset}; {', '.join(metadata.class_names)}) in "
+    segments = [
+        Segment(name, int(value), tuple(color), term)
+        for name, value, color, term in zip(
+            metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
+        )
+    ]
+    with Outputs(args.overwrite) as outputs:  # the labels and the probabilities, or neither
+        write_output(output, result.labels, volume, segments, outputs=outputs)
+        if probabilities is not None:
+            _write_probabilities(probabilities, result.probabilities, volume, outputs)
+        outputs.publish()
+    print(f"{Path(args.model).name} ({metadata.preset}; {printable(', '.join(metadata.class_names))}) in "
           f"{time.monotonic() - started:.1f} s on {describe_device(device)}", file=sys.stderr)
     print(output)
 
 
-def _write_probabilities(path: Path, probabilities, volume) -> None:
+def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) -> None:
     """``.npy``: float16 (C+1, z, y, x); an image format: a float32 vector image on the volume's grid,
     one component per class (background first)."""
     import numpy as np
 
-    def write(temporary: Path) -> None:  # the temporary name keeps the suffix: SimpleITK picks the format
-        if path.name.lower().endswith(".npy"):
-            with open(temporary, "wb") as f:
-                np.save(f, probabilities)
-            return
-        import SimpleITK as sitk
+    if file_suffix(path) == ".npy":
+        def verify(temporary: Path) -> None:
+            if not np.array_equal(np.load(temporary, mmap_mode="r"), probabilities):
+                raise OSError("the written file reads back incomplete or different (is the disk full?)")
 
-        image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1).astype(np.float32), isVector=True)
-        image.SetSpacing([float(s) for s in volume.spacing])
-        image.SetOrigin([float(o) for o in volume.origin])
-        image.SetDirection([float(d) for d in volume.direction])
-        sitk.WriteImage(image, str(temporary), useCompression=True)
+        outputs.stage(path, lambda temporary: np.save(temporary, probabilities), verify)
+        return
+    import SimpleITK as sitk
 
-    write_atomic(path, write, overwrite=True)
+    from .io import write_image
+
+    image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1).astype(np.float32), isVector=True)
+    image.SetSpacing([float(s) for s in volume.spacing])
+    image.SetOrigin([float(o) for o in volume.origin])
+    image.SetDirection([float(d) for d in volume.direction])
+    write_image(path, image, outputs=outputs)
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .bundle import read_bundle_metadata, save_bundle
+    output = Path(args.output)
+    _check_output(output, args.overwrite, (".hsam",), "model file")
+    inputs = {"volume": args.volume, "labelmap": args.labelmap, "SAM checkpoint": args.sam_checkpoint,
+              "base model": args.base_model}
+    for what, path in inputs.items():
+        _check_input(path, what)
+    check_distinct([output], inputs.values())
+    from .bundle import read_bundle_metadata
     from .io import read_labelmap, read_volume
+
+    if args.base_model is not None:
+        base_preset = read_bundle_metadata(args.base_model).preset
+        if args.preset is not None and base_preset != args.preset:
+            raise InputError(f"{Path(args.base_model).name} is a {base_preset} model, not --preset {args.preset}")
+    volume = read_volume(args.volume, series=args.series)
+    labels, segments = read_labelmap(args.labelmap, reference=volume, resample=args.resample_labels)
+
+    from .bundle import save_bundle
     from .preprocess import IntensityPreprocessing
     from .training import FinetuneConfig, finetune, is_main_process
 
-    output = Path(args.output)
-    _check_output(output, args.overwrite, (".hsam",), "model file")
-    if args.base_model is not None and args.preset is not None:
-        base_preset = read_bundle_metadata(args.base_model).preset
-        if base_preset != args.preset:
-            raise InputError(f"{Path(args.base_model).name} is a {base_preset} model, not --preset {args.preset}")
-    volume = read_volume(args.volume)
-    labels, segments = read_labelmap(args.labelmap, reference=volume)
     preprocessing = None
     if args.modality is not None:
         preprocessing = IntensityPreprocessing(mode="ct" if args.modality == "ct" else "percentile")
@@ -215,20 +239,25 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .metrics import evaluate
-
     outputs = [(Path(p), kind) for p, kind in ((args.json, ".json"), (args.csv, ".csv")) if p is not None]
     for path, kind in outputs:
         _check_output(path, args.overwrite, (kind,), f"{kind[1:].upper()} file")
-    rows = evaluate(args.prediction, args.reference)
+    for path, what in ((args.prediction, "prediction"), (args.reference, "reference")):
+        _check_input(path, what)
+    check_distinct([path for path, _ in outputs], [args.prediction, args.reference])
+    from .metrics import evaluate
+
+    rows = evaluate(args.prediction, args.reference, resample=args.resample_labels)
     print(f"{'class':<24} {'label':>5} {'Dice':>7} {'HD95 mm':>9}")
     for row in rows:
         hd95 = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.2f}"
-        print(f"{row['name']:<24} {row['label']:>5} {row['dice']:>7.4f} {hd95:>9}")
-    if args.json is not None:
-        write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8"), overwrite=True)
-    if args.csv is not None:
-        write_atomic(args.csv, lambda tmp: tmp.write_text(_csv(rows), encoding="utf-8"), overwrite=True)
+        print(f"{printable(row['name']):<24} {row['label']:>5} {row['dice']:>7.4f} {hd95:>9}")
+    with Outputs(args.overwrite) as files:  # both score files or neither
+        if args.json is not None:
+            write_bytes_atomic(args.json, (json.dumps(rows, indent=2) + "\n").encode("utf-8"), outputs=files)
+        if args.csv is not None:
+            write_bytes_atomic(args.csv, _csv(rows).encode("utf-8"), outputs=files)
+        files.publish()
 
 
 def _csv(rows: list[dict]) -> str:
@@ -245,8 +274,9 @@ def _csv(rows: list[dict]) -> str:
 
 def _info(args: argparse.Namespace) -> None:
     path = Path(args.model)
+    _check_input(args.model, "model file")
     if not path.is_file():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"{printable(path)} is not a file")
     if path.suffix.lower() == ".pth":
         _info_sam(path)
     else:
@@ -254,52 +284,48 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _info_sam(path: Path) -> None:
-    from .checkpoint import SAM_CHECKPOINTS, sha256_file
+    from .sam_weights import SAM_CHECKPOINTS, cached_sha256
 
-    by_name = {info.filename: name for name, info in SAM_CHECKPOINTS.items()}
-    digest = sha256_file(path)
-    matching = [name for name, info in SAM_CHECKPOINTS.items() if info.sha256 == digest]
+    name = printable(path.name)
+    by_name = {info.filename: preset for preset, info in SAM_CHECKPOINTS.items()}
+    digest = cached_sha256(path)
+    matching = [preset for preset, info in SAM_CHECKPOINTS.items() if info.sha256 == digest]
     if matching:
-        print(f"{path.name}: official SAM {matching[0]} weights ({SAM_CHECKPOINTS[matching[0]].filename}); sha256 matches")
+        print(f"{name}: official SAM {matching[0]} weights ({SAM_CHECKPOINTS[matching[0]].filename}); sha256 matches")
     elif path.name in by_name:
-        name = by_name[path.name]
+        preset = by_name[path.name]
         raise InputError(
-            f"{path.name} is named like the official SAM {name} weights but its sha256 {digest[:12]}… does not "
-            f"match {SAM_CHECKPOINTS[name].sha256[:12]}…: download it again (hsam download {name})"
+            f"{name} is named like the official SAM {preset} weights but its sha256 {digest[:12]}… does not "
+            f"match {SAM_CHECKPOINTS[preset].sha256[:12]}…: download it again (hsam download {preset})"
         )
     else:
-        print(f"{path.name}: not an official SAM checkpoint (sha256 {digest})")
+        print(f"{name}: not an official SAM checkpoint (sha256 {digest})")
 
 
 def _info_bundle(path: Path) -> None:
-    import torch
+    from .bundle import read_bundle
 
-    from .build import build_hsam, count_parameters
-    from .bundle import read_bundle_metadata
-
-    metadata = read_bundle_metadata(path)
-    with torch.device("meta"):  # shapes only: instant even for vit_h
-        model = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank)
-    trainable, total = count_parameters(model)
-    if metadata.training.get("trained_encoder"):
-        trainable = total
-    print(f"model:        {path.name}")
+    header, metadata = read_bundle(path)
+    stored = sum(tensor.numel for tensor in header.tensors.values())
+    base = metadata.base_checkpoint
+    print(f"model:        {printable(path.name)}")
     print(f"preset:       {metadata.preset}, input {metadata.img_size}×{metadata.img_size}, CMAttn {metadata.cmattn}, "
           f"LoRA rank {metadata.lora_rank}")
-    print(f"parameters:   {total:,} ({trainable:,} trained)")
+    print(f"weights:      {stored:,} values in {len(header.tensors)} tensors"
+          + (f", on the frozen SAM {metadata.preset} image encoder" if base else ""))
     print(f"slice axis:   {metadata.slice_axis}; preprocessing {json.dumps(metadata.preprocessing)}")
-    base = metadata.base_checkpoint
-    print(f"base weights: {base['name'] + ' (sha256 ' + base['sha256'][:12] + '…)' if base else 'none (trained from scratch)'}")
+    print("base weights: " + (f"{printable(base['name'])} (sha256 {base['sha256'][:12]}…)" if base
+                              else "none (trained from scratch)"))
     print("classes:")
     for name, value, color, term in zip(
         metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
     ):
         rgb = "#" + "".join(f"{round(255 * c):02x}" for c in color)
-        print(f"  {value:>5}  {name:<24} {rgb}" + (f"  {term}" if term else ""))
+        print(f"  {value:>5}  {printable(name):<24} {rgb}" + (f"  {printable(term)}" if term else ""))
     if metadata.training:
         print("training:")
         for key, value in metadata.training.items():
-            print(f"  {key}: {json.dumps(value)}")
+            print(f"  {printable(key, 60)}: {printable(json.dumps(value))}")
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -333,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `hsam COMMAND --help` for a command's options. `hsam demo` shows the whole workflow.",
     )
     parser.add_argument("--version", action="version", version=f"hsam {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def seed_option(p: argparse.ArgumentParser) -> None:
@@ -341,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     def cmattn_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
                        help="CMAttn variant: reference = the authors' code (default), paper = as the paper describes it")
+
+    def series_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--series", metavar="UID",
+                       help="the DICOM series to read when the volume folder holds several (default: the largest)")
+
+    def resample_option(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--resample-labels", action="store_true",
+                       help=f"resample {what} onto the other grid (nearest neighbour) instead of refusing it")
 
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=DEVICES,
@@ -355,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume", help="image volume (NRRD, NIfTI, MHA, or a DICOM series folder)")
     p.add_argument("-m", "--model", required=True, help="model bundle (.hsam) made by `hsam finetune`")
     p.add_argument("-o", "--output", required=True, help="output .seg.nrrd, .nrrd, .nii.gz, .nii or .mha")
+    series_option(p)
     device_option(p)
     p.add_argument("--batch-size", type=_positive(int), default=4,
                    help="slices per forward pass; halved automatically when memory runs out (default: 4)")
@@ -380,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume", help="image volume")
     p.add_argument("labelmap", help="labelmap on the volume's grid (0 = background) or a .seg.nrrd segmentation")
     p.add_argument("-o", "--output", required=True, help="model bundle to write (.hsam)")
+    series_option(p)
+    resample_option(p, "a labelmap on another voxel grid than the volume's")
     p.add_argument("--preset", choices=("tiny", "vit_b", "vit_l", "vit_h"),
                    help="network size: tiny (trains from scratch, CPU-friendly) or a SAM ViT (needs "
                    "--sam-checkpoint or downloaded weights); default: tiny, or the base model's")
@@ -420,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", help="reference labelmap or segmentation")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.add_argument("--csv", metavar="FILE", help="also write the scores as CSV")
+    resample_option(p, "a prediction on another voxel grid than the reference's")
     p.add_argument("--overwrite", action="store_true", help="replace existing score files")
     p.set_defaults(run=_evaluate)
 
@@ -459,15 +498,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _only_hsam_warnings() -> Iterator[None]:
+    """HSAM's warnings as one ``hsam: warning: ...`` line each; other libraries' are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", HSAMWarning)
+        warnings.showwarning = lambda message, *_: print(f"hsam: warning: {printable(message, 400)}", file=sys.stderr)
+        yield
+
+
+def _stdout_to_nowhere() -> None:
+    """After a closed pipe (``hsam info … | head``): no second error when Python flushes stdout at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``hsam`` with ``argv`` (default: the command line); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except HSAMError as e:
-        print(f"hsam: error: {e}", file=sys.stderr)
+        with _only_hsam_warnings():
+            args.run(args)
+            sys.stdout.flush()
+    except HSAMError as error:
+        print(f"hsam: error: {printable(error, 600)}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("hsam: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _stdout_to_nowhere()
+        return EXIT_BROKEN_PIPE
+    except MemoryError:
+        print("hsam: error: out of memory; try a smaller batch, volume or model", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as error:
+        if args.debug or error.filename is None:
+            raise
+        print(f"hsam: error: {printable(error.filename)}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"hsam: internal error: {type(error).__name__}: {printable(error, 300)} "
+              f"(rerun as `hsam --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     return 0

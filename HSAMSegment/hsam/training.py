@@ -39,13 +39,14 @@ from . import __version__
 from .augment import RandomAugmentation
 from .build import build_hsam
 from .bundle import BundleMetadata, default_color, load_bundle
-from .checkpoint import SAM_CHECKPOINTS, identify_sam_checkpoint, load_sam_weights, sha256_file
+from .checkpoint import load_sam_weights
 from .errors import Cancelled, CheckpointError, InputError
+from .files import write_bytes_atomic
 from .inference import resolve_precision, select_device
-from .io import write_atomic
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
+from .sam_weights import SAM_CHECKPOINTS, cached_sha256, identify_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -298,7 +299,7 @@ def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
         if identify_sam_checkpoint(path) != config.preset:
             raise CheckpointError(f"{path.name} is not the official SAM {config.preset} file")
         load_sam_weights(model, path, config.preset)
-        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": sha256_file(path)}
+        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": cached_sha256(path)}
     return _Model(model, config.preset, base, None, None)
 
 
@@ -363,7 +364,7 @@ def save_training_state(path: PathLike, state: TrainingState) -> Path:
     """Write a training state (safetensors + JSON, no pickle) atomically."""
     path = Path(path)
     payload = save({k: v.contiguous() for k, v in state.tensors.items()}, {STATE_KEY: json.dumps(state.info)})
-    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
+    write_bytes_atomic(path, payload, overwrite=True)
     return path
 
 
