@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .build import PRESETS, Preset, build_hsam
 from .errors import CheckpointError
+from .files import error_reason
 from .modeling.hsam import HSAM
 from .sam_weights import SAM_CHECKPOINTS, default_cache_dir  # noqa: F401 (also offered here, as before)
 
@@ -28,10 +29,10 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path.name} was refused: it holds pickled code or objects, not only tensors ({e})") from e
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path.name} was refused: it holds pickled code or objects, not only tensors") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({e})") from e
+        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({error_reason(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path.name} is not a plain dict of tensors")
     return state

@@ -37,6 +37,8 @@ LABELMAP_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 GEOMETRY_TOLERANCE = 1e-4
 COMPLEX_PIXEL_IDS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+# Set by ITK's series reader on an image whose slices are missing or unevenly spaced.
+NON_UNIFORM_SAMPLING_KEY = "ITK_non_uniform_sampling_deviation"
 
 # Colours given to segments that come without one (cycled by label value).
 DEFAULT_COLORS = (
@@ -237,6 +239,13 @@ def _read_dicom_series(folder: Path, series: Optional[str]) -> sitk.Image:
                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
     if not found:
         raise InputError(f"no DICOM series found in folder {folder}")
+    listed = {os.path.normcase(os.path.realpath(name)) for names in found.values() for name in names}
+    unreadable = [f for f in sorted(folder.iterdir()) if _looks_like_dicom(f) and os.path.normcase(os.path.realpath(f)) not in listed]
+    if unreadable:
+        raise InputError(
+            f"folder {folder.name} holds {len(unreadable)} DICOM file(s) that cannot be read (truncated or corrupt?), "
+            f"e.g. {printable(unreadable[0].name)}"
+        )
     if series is not None and series not in found:
         raise InputError(f"folder {folder.name} has no DICOM series {series}; it has {', '.join(found)}")
     if series is None:
@@ -253,8 +262,19 @@ def _read_dicom_series(folder: Path, series: Optional[str]) -> sitk.Image:
             image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read the DICOM series in {folder.name}: {error_reason(error)}") from None
+    if image.HasMetaDataKey(NON_UNIFORM_SAMPLING_KEY):
+        raise InputError(f"the DICOM series in {folder.name} has missing or unevenly spaced slices")
     _check_voxels(image, folder.name)
     return image
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A file with the DICOM preamble ("DICM" after 128 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _check_voxels(image: sitk.Image, name: str) -> None:
