@@ -39,6 +39,11 @@ def file_suffix(path: PathLike) -> str:
     return next((s for s in COMPOUND_SUFFIXES if name.endswith(s)), Path(name).suffix)
 
 
+def real_path(path: PathLike) -> str:
+    """``path`` with links resolved, in the file system's case convention: equal for the same file."""
+    return os.path.normcase(os.path.realpath(path))
+
+
 def check_writable(path: PathLike, overwrite: bool) -> None:
     """Fail (``InputError``) unless ``path`` can be created, or replaced when ``overwrite``."""
     path = Path(path)
@@ -59,15 +64,20 @@ def check_distinct(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> N
     inputs = [Path(p) for p in inputs if p is not None and Path(p).exists()]
     seen: dict[str, Path] = {}
     for output in (Path(p) for p in outputs if p is not None):
-        real = os.path.normcase(os.path.realpath(output))
-        if real in seen or any(output.exists() and os.path.samefile(output, other) for other in seen.values()):
+        real = real_path(output)
+        if real in seen or any(_same_file(output, other) for other in seen.values()):
             raise InputError(f"{output} is given for two outputs")
         seen[real] = output
         for source in inputs:
-            if output.exists() and os.path.samefile(output, source):
+            if _same_file(output, source):
                 raise InputError(f"the output {output} is the input {source}")
-            if source.is_dir() and Path(real).is_relative_to(os.path.realpath(source)):
+            if source.is_dir() and Path(real).is_relative_to(real_path(source)):
                 raise InputError(f"the output {output} is inside the input folder {source}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether both exist and are one file (the same inode: hard and symbolic links included)."""
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 def remove_abandoned_temporaries(folder: PathLike) -> None:

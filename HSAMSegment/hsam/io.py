@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import HSAMWarning, InputError, printable
-from .files import Outputs, error_reason, file_suffix, write_atomic
+from .files import Outputs, error_reason, file_suffix, real_path, write_atomic
 from .nifti import check_nifti
 from .presets import MAX_LABEL_VALUE
 
@@ -239,8 +239,8 @@ def _read_dicom_series(folder: Path, series: Optional[str]) -> sitk.Image:
                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
     if not found:
         raise InputError(f"no DICOM series found in folder {folder}")
-    listed = {os.path.normcase(os.path.realpath(name)) for names in found.values() for name in names}
-    unreadable = [f for f in sorted(folder.iterdir()) if _looks_like_dicom(f) and os.path.normcase(os.path.realpath(f)) not in listed]
+    listed = {real_path(name) for names in found.values() for name in names}
+    unreadable = [f for f in sorted(folder.iterdir()) if _looks_like_dicom(f) and real_path(f) not in listed]
     if unreadable:
         raise InputError(
             f"folder {folder.name} holds {len(unreadable)} DICOM file(s) that cannot be read (truncated or corrupt?), "
