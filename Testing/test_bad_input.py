@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from hsam.cli import main
-from hsam.files import TEMPORARY_PREFIX, write_atomic
+from hsam.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
 from hsam.io import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
 from hsam.sam_weights import cached_sha256, sha256_file
 from test_cli import _bundle, _write_image, assert_one_line_error
@@ -383,6 +383,18 @@ def test_outputs_get_the_mode_the_umask_asks_for(tmp_path, umask, kind):
     finally:
         os.umask(previous)
     assert (tmp_path / f"out.{kind}").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_file_created_meanwhile_by_another_writer_is_kept_and_nothing_published(tmp_path):
+    from hsam.errors import InputError
+
+    with Outputs() as outputs:
+        write_bytes_atomic(tmp_path / "scores.json", b"{}", outputs=outputs)
+        write_bytes_atomic(tmp_path / "scores.csv", b"ours", outputs=outputs)
+        (tmp_path / "scores.csv").write_bytes(b"theirs")
+        with pytest.raises(InputError, match="created by someone else"):
+            outputs.publish()
+    assert os.listdir(tmp_path) == ["scores.csv"] and (tmp_path / "scores.csv").read_bytes() == b"theirs"
 
 
 # ----------------------------------------------------------------------------- faults: disk, kill

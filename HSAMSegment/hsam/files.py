@@ -185,11 +185,22 @@ class Outputs:
             raise InputError(f"cannot write {path}: {error_reason(error)}") from None
 
     def publish(self) -> None:
-        """Rename every staged file onto its name (never over a file created meanwhile unless overwriting)."""
+        """Rename every staged file onto its name (never over a file created meanwhile unless
+        overwriting). If a rename fails, the files this call created are removed again (files it
+        replaced cannot be brought back)."""
+        created: list[Path] = []
         try:
             for path, temporary in self._staged:
+                existed = path.exists()
                 self._rename(temporary, path)
-        except OSError as error:
+                if not existed:
+                    created.append(path)
+        except (OSError, InputError) as error:
+            for done in created:
+                with contextlib.suppress(OSError):
+                    done.unlink()
+            if isinstance(error, InputError):
+                raise
             raise InputError(f"cannot write {path}: {error_reason(error)}") from None
         finally:
             for folder in {path.parent for path, _ in self._staged}:
