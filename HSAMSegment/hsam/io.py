@@ -202,8 +202,13 @@ def read_labelmap(
 @contextlib.contextmanager
 def _native_output_silenced() -> Iterator[None]:
     """ITK, GDCM and MetaIO print warnings straight to the process's stderr: send them nowhere."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
     try:
         with open(os.devnull, "wb") as devnull:
             os.dup2(devnull.fileno(), 2)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from .errors import HSAMError
+from .files import write_bytes_atomic
+
 PathLike = Union[str, os.PathLike]
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # Beside a verified file ``x.pth``: ``x.pth.sha256`` records its digest for its size and modification time.
@@ -69,8 +72,8 @@ def cached_sha256(path: PathLike) -> str:
         return remembered["sha256"]
     digest = sha256_file(path)
     try:
-        record.write_text(json.dumps({**key, "sha256": digest}), encoding="utf-8")
-    except OSError:  # a read-only folder: verified again next time
+        write_bytes_atomic(record, json.dumps({**key, "sha256": digest}).encode("utf-8"), overwrite=True)
+    except HSAMError:  # a read-only folder: verified again next time
         pass
     return digest
 
