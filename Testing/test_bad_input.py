@@ -465,6 +465,33 @@ def test_sigkill_during_a_write_leaves_no_output_and_the_next_run_cleans_up(tmp_
     assert os.listdir(tmp_path) == [output.name] and output.read_bytes() == b"complete"
 
 
+CLAIMING_WRITER = """
+import sys, time
+from hsam.files import Outputs
+
+with Outputs() as outputs:
+    outputs.claim([sys.argv[1]])
+    print("claimed", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_of_the_same_output_is_refused_before_its_work(tmp_path, model, capsys):
+    volume = _write_image(tmp_path / "volume.nrrd", noisy())
+    output = tmp_path / "labels.nrrd"
+    argv = [str(a) for a in ["segment", volume, "-m", model, "-o", output, "--device", "cpu", "--overwrite"]]
+    writer = subprocess.Popen([sys.executable, "-c", CLAIMING_WRITER, str(output)], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"claimed\n"
+        assert_one_line_error(main(argv), capsys.readouterr().err, "another hsam process is writing")
+        assert not output.exists()
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert main(argv) == 0 and output.is_file()  # the killed writer's claim is stale: removed
+    assert sorted(os.listdir(tmp_path)) == ["labels.nrrd", "volume.nrrd"]
+
+
 # ------------------------------------------------------------------------------- fast and clean
 
 

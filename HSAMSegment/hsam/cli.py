@@ -123,8 +123,30 @@ def _segment(args: argparse.Namespace) -> None:
     for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
         _check_input(path, what)
     check_distinct([output, probabilities], [args.volume, args.model, args.sam_checkpoint])
+    with Outputs(args.overwrite) as outputs:  # the labels and the probabilities, or neither
+        outputs.claim([output, probabilities])
+        volume, metadata, result, summary = _segment_volume(args, probabilities is not None)
+        from .io import Segment, write_output
+
+        segments = [
+            Segment(name, int(value), tuple(color), term)
+            for name, value, color, term in zip(
+                metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
+            )
+        ]
+        write_output(output, result.labels, volume, segments, outputs=outputs)
+        if probabilities is not None:
+            _write_probabilities(probabilities, result.probabilities, volume, outputs)
+        outputs.publish()
+    print(summary, file=sys.stderr)
+    print(output)
+
+
+def _segment_volume(args: argparse.Namespace, probabilities: bool):
+    """Check the model file, read the volume, then load the model and segment: (volume, metadata,
+    SegmentationResult, a summary line)."""
     from .bundle import read_bundle_metadata
-    from .io import Segment, read_volume, write_output
+    from .io import read_volume
 
     read_bundle_metadata(args.model)  # a bad model file is refused before the volume is read
     volume = read_volume(args.volume, series=args.series)
@@ -138,23 +160,12 @@ def _segment(args: argparse.Namespace) -> None:
     with _ProgressBar(f"segmenting on {device.type}") as bar:
         result = segment_volume(
             model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
-            slice_range=args.slices, progress=bar, return_probabilities=probabilities is not None,
+            slice_range=args.slices, progress=bar, return_probabilities=probabilities,
             largest_component=args.largest_component,
         )
-    segments = [
-        Segment(name, int(value), tuple(color), term)
-        for name, value, color, term in zip(
-            metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
-        )
-    ]
-    with Outputs(args.overwrite) as outputs:  # the labels and the probabilities, or neither
-        write_output(output, result.labels, volume, segments, outputs=outputs)
-        if probabilities is not None:
-            _write_probabilities(probabilities, result.probabilities, volume, outputs)
-        outputs.publish()
-    print(f"{Path(args.model).name} ({metadata.preset}; {printable(', '.join(metadata.class_names))}) in "
-          f"{time.monotonic() - started:.1f} s on {describe_device(device)}", file=sys.stderr)
-    print(output)
+    summary = (f"{Path(args.model).name} ({metadata.preset}; {printable(', '.join(metadata.class_names))}) in "
+               f"{time.monotonic() - started:.1f} s on {describe_device(device)}")
+    return volume, metadata, result, summary
 
 
 def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) -> None:
@@ -225,14 +236,19 @@ def _finetune(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.checkpointing,
     )
     main_process = is_main_process()
-    with _ProgressBar("fine-tuning", enabled=main_process) as bar:
+    with Outputs(args.overwrite) as outputs, _ProgressBar("fine-tuning", enabled=main_process) as bar:
+        if main_process:
+            outputs.claim([output])
+
         def on_step(p) -> None:
             dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
             bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}")
 
         result = finetune(volume, labels, segments, config, progress=on_step)
+        if main_process:
+            save_bundle(output, result.model, result.metadata, outputs=outputs)
+            outputs.publish()
     if main_process:
-        save_bundle(output, result.model, result.metadata, overwrite=args.overwrite)
         training = result.metadata.training
         print(f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s; "
               f"saved {output}")

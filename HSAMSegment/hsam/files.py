@@ -5,7 +5,9 @@ Each output is written to a temporary file beside it, ``.hsam-tmp-<host>-<pid>-<
 disk, checked by the writer's ``verify`` (SimpleITK's NIfTI writer, for one, can leave a short file
 without an error), and only then renamed onto the output's name. A command that writes several
 files renames them once all of them are written and checked. Temporaries that a killed process left
-behind are removed by the next write into the same folder.
+behind are removed by the next write into the same folder. A command may first claim its outputs
+(``Outputs.claim``: an empty ``.hsam-tmp-<host>-<pid>-claim-<hash>``), so that a second command
+writing the same file is refused before its work rather than after.
 
 This module imports nothing heavy, so that the command line checks its outputs before loading torch.
 """
@@ -80,12 +82,18 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
+def _owner(entry: Path) -> Optional[int]:
+    """The process id in the name of a temporary or claim made on this host, else None."""
+    host, _, rest = entry.name[len(TEMPORARY_PREFIX):].partition("-")
+    pid = rest.partition("-")[0]
+    return int(pid) if host == _HOST and pid.isdigit() else None
+
+
 def remove_abandoned_temporaries(folder: PathLike) -> None:
-    """Delete this host's temporaries in ``folder`` whose writing process has ended."""
+    """Delete this host's temporaries and claims in ``folder`` whose process has ended."""
     for entry in Path(folder).glob(TEMPORARY_PREFIX + "*"):
-        host, _, rest = entry.name[len(TEMPORARY_PREFIX):].partition("-")
-        pid = rest.partition("-")[0]
-        if host == _HOST and pid.isdigit() and _abandoned(entry, int(pid)):
+        pid = _owner(entry)
+        if pid is not None and _abandoned(entry, pid):
             with contextlib.suppress(OSError):
                 entry.unlink()
 
@@ -160,12 +168,29 @@ class Outputs:
     def __init__(self, overwrite: bool = False) -> None:
         self.overwrite = overwrite
         self._staged: list[tuple[Path, Path]] = []
+        self._claims: list[Path] = []
 
     def __enter__(self) -> "Outputs":
         return self
 
     def __exit__(self, *exc) -> None:
         self.discard()
+
+    def claim(self, paths: Iterable[Optional[PathLike]]) -> None:
+        """Mark ``paths`` as being written by this process until the ``with`` block ends, so that
+        another process about to write one of them is refused before its work, not after. Of two
+        processes claiming a file at once, the earlier claim wins."""
+        for path in (Path(p) for p in paths if p is not None):
+            remove_abandoned_temporaries(path.parent)
+            tag = hashlib.sha256(real_path(path).encode()).hexdigest()[:12]
+            mine = path.parent / f"{TEMPORARY_PREFIX}{_HOST}-{os.getpid()}-claim-{tag}"
+            try:
+                os.close(os.open(mine, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except OSError as error:
+                raise InputError(f"cannot write {path}: {error_reason(error)}") from None
+            self._claims.append(mine)
+            if any(_claimed_before(other, mine) for other in path.parent.glob(f"{TEMPORARY_PREFIX}*-claim-{tag}")):
+                raise InputError(f"another hsam process is writing {path}; wait for it or choose another name")
 
     def stage(self, path: PathLike, write: Callable[[Path], None], verify: Optional[Callable[[Path], None]] = None) -> None:
         """Call ``write(temporary)`` (the temporary keeps ``path``'s suffix, so that SimpleITK picks the
@@ -208,10 +233,11 @@ class Outputs:
             self.discard()
 
     def discard(self) -> None:
-        for _, temporary in self._staged:
+        """Delete the staged temporaries and release the claims."""
+        for temporary in [*(temporary for _, temporary in self._staged), *self._claims]:
             with contextlib.suppress(OSError):
                 temporary.unlink()
-        self._staged = []
+        self._staged, self._claims = [], []
 
     def _rename(self, temporary: Path, path: Path) -> None:
         if self.overwrite:
@@ -227,6 +253,17 @@ class Outputs:
             os.replace(temporary, path)
             return
         temporary.unlink()
+
+
+def _claimed_before(other: Path, mine: Path) -> bool:
+    """Whether ``other`` is a live claim on this host made before ``mine`` (ties: by name)."""
+    pid = _owner(other)
+    if other == mine or pid is None or _abandoned(other, pid):
+        return False
+    try:
+        return (other.stat().st_mtime_ns, other.name) < (mine.stat().st_mtime_ns, mine.name)
+    except OSError:  # released meanwhile
+        return False
 
 
 def write_atomic(
