@@ -290,6 +290,27 @@ def test_truncated_model_files_are_refused(tmp_path, model, out, capsys, cut):
     refused(["info", tmp_path / "cut.hsam"], capsys, "cut.hsam", out)
 
 
+def test_a_model_is_never_saved_with_metadata_it_could_not_be_read_with(tmp_path):
+    from hsam.build import build_hsam
+    from hsam.bundle import read_bundle_metadata, save_bundle
+    from hsam.errors import InputError
+
+    metadata = read_bundle_metadata(_bundle(tmp_path / "valid.hsam"))
+    metadata.class_names = ["x" * 2000, "sphere"]
+    with pytest.raises(InputError, match="class_names"):
+        save_bundle(tmp_path / "long.hsam", build_hsam("tiny", 2, 224), metadata)
+    assert sorted(os.listdir(tmp_path)) == ["valid.hsam"]
+
+
+def test_more_classes_than_a_model_holds_are_refused_before_training():
+    from hsam.errors import InputError
+    from hsam.training import FinetuneConfig, finetune
+
+    labels = np.arange(np.prod(SHAPE)).reshape(SHAPE) % 300
+    with pytest.raises(InputError, match="at most 255 classes"):
+        finetune(Volume(noisy(), SPACING, ORIGIN), labels.astype(np.uint16), [], FinetuneConfig(epochs=1, device="cpu"))
+
+
 def test_control_characters_from_files_are_escaped(tmp_path, model, capsys):
     crafted = _with_metadata(model, tmp_path / "names.hsam", _edited(model, class_names=["liver\x1b[2J", "\u202espleen"]))
     assert main(["info", str(crafted)]) == 0

@@ -46,6 +46,7 @@ BUNDLE_SUFFIX = ".hsam"
 FORMAT_VERSION = 1
 METADATA_KEY = "hsam"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+MAX_NAME_LENGTH = 1000
 
 # Distinct colours (RGB 0–1) for classes without a colour of their own.
 DEFAULT_COLORS = [
@@ -142,10 +143,9 @@ def _check_preprocessing(value: object) -> None:
         _require(key not in value or _is_pair(value[key]), f"preprocessing {key} must be two increasing numbers")
 
 
-def _check_base_checkpoint(value: object, preset: str) -> None:
+def _check_base_checkpoint(value: object) -> None:
     if value is None:
         return
-    _require(preset in SAM_CHECKPOINTS, f"the {preset} preset has no official SAM weights to build on")
     _require(
         isinstance(value, dict) and isinstance(value.get("name"), str)
         and isinstance(value.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", value["sha256"]) is not None,
@@ -169,7 +169,8 @@ def validate_metadata(data: object) -> None:
              f"img_size must be one of {', '.join(map(str, SUPPORTED_IMG_SIZES))}")
     n = data["num_classes"]
     _require(_is_int(n) and 1 <= n <= MAX_CLASSES, f"num_classes must be an integer from 1 to {MAX_CLASSES}")
-    _check_items(data, "class_names", n, lambda v: isinstance(v, str) and 0 < len(v) <= 200, "a name (1–200 characters)")
+    _check_items(data, "class_names", n, lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_LENGTH,
+                 f"a name of 1–{MAX_NAME_LENGTH} characters")
     _check_items(data, "class_colors", n, _is_color, "three numbers from 0 to 1")
     _check_items(data, "label_values", n, lambda v: _is_int(v) and 1 <= v <= MAX_LABEL_VALUE,
                  f"an integer from 1 to {MAX_LABEL_VALUE}")
@@ -181,7 +182,7 @@ def validate_metadata(data: object) -> None:
     _require(data.get("cmattn", "reference") in CMATTN_MODES, f"cmattn must be one of {', '.join(CMATTN_MODES)}")
     rank = data.get("lora_rank", 5)
     _require(_is_int(rank) and 1 <= rank <= MAX_LORA_RANK, f"lora_rank must be an integer from 1 to {MAX_LORA_RANK}")
-    _check_base_checkpoint(data.get("base_checkpoint"), data["preset"])
+    _check_base_checkpoint(data.get("base_checkpoint"))
     _require(isinstance(data.get("training", {}), dict), "training must be an object")
     _require(isinstance(data.get("hsam_version", ""), str), "hsam_version must be a string")
 
@@ -204,6 +205,10 @@ def save_bundle(
 
     path = Path(path)
     check_writable(path, overwrite or outputs is not None and outputs.overwrite)
+    try:
+        validate_metadata(json.loads(metadata.to_json()))
+    except ValueError as e:
+        raise InputError(f"cannot save {path.name}: its metadata would be invalid ({e})") from None
     merged = [a for a in model.lora_adapters() if a.merged]
     for adapter in merged:
         adapter.unmerge()
@@ -238,6 +243,8 @@ def read_bundle_metadata(path: PathLike) -> BundleMetadata:
 def find_sam_checkpoint(preset: str, explicit: Optional[PathLike] = None) -> Path:
     """The official SAM file for a preset: the given path, else the download cache; its size and
     sha256 are checked (the sha256 once per file, see ``hsam.sam_weights.cached_sha256``)."""
+    if preset not in SAM_CHECKPOINTS:
+        raise CheckpointError(f"this model says it was fine-tuned from SAM weights, but the {preset} preset has none")
     info = SAM_CHECKPOINTS[preset]
     path = Path(explicit) if explicit else default_cache_dir() / info.filename
     if not path.is_file():

@@ -46,6 +46,7 @@ from .inference import resolve_precision, select_device
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
+from .presets import MAX_CLASSES, MAX_LABEL_VALUE
 from .sam_weights import SAM_CHECKPOINTS, cached_sha256, identify_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -202,6 +203,8 @@ def _classes(labels: np.ndarray, segments: Sequence, config: FinetuneConfig) -> 
     for given, what in ((config.class_names, "class names"), (config.class_colors, "class colours")):
         if given is not None and len(given) != len(values):
             raise InputError(f"{len(given)} {what} given for {len(values)} classes")
+    if len(values) > MAX_CLASSES or max(values) > MAX_LABEL_VALUE:
+        raise InputError(f"a model holds at most {MAX_CLASSES} classes with label values up to {MAX_LABEL_VALUE}")
     return _Classes(
         values,
         list(config.class_names) if config.class_names is not None else names,
