@@ -66,6 +66,25 @@ def test_truncated_volume_is_refused(tmp_path, model, out, capsys, suffix):
     refused(segment(path, model, out), capsys, "", out)
 
 
+@pytest.mark.parametrize("flavour", ["big-endian NIfTI-1", "NIfTI-2"])
+def test_other_nifti_layouts_are_checked_too(tmp_path, flavour):
+    nibabel = pytest.importorskip("nibabel")
+    from hsam.errors import InputError
+    from hsam.nifti import check_nifti
+
+    make = nibabel.Nifti2Image if flavour == "NIfTI-2" else nibabel.Nifti1Image
+    array = noisy((4, 5, 6)).astype(">f4" if flavour.startswith("big") else "<f4")
+    nibabel.save(make(array, np.eye(4)), tmp_path / "good.nii")
+    check_nifti(tmp_path / "good.nii")
+    (tmp_path / "cut.nii").write_bytes((tmp_path / "good.nii").read_bytes()[:-40])
+    with pytest.raises(InputError, match="truncated"):
+        check_nifti(tmp_path / "cut.nii")
+    array[1, 2, 3] = np.nan
+    nibabel.save(make(array, np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match="1 NaN"):
+        check_nifti(tmp_path / "nan.nii.gz")
+
+
 def test_mhd_without_its_data_file_is_one_line(tmp_path, model, out, capfd):
     path = _write_image(tmp_path / "volume.mhd", noisy())
     path.with_suffix(".raw").unlink()
