@@ -6,7 +6,7 @@ disk, checked by the writer's ``verify`` (SimpleITK's NIfTI writer, for one, can
 without an error), and only then renamed onto the output's name. A command that writes several
 files renames them once all of them are written and checked. Temporaries that a killed process left
 behind are removed by the next write into the same folder. A command may first claim its outputs
-(``Outputs.claim``: an empty ``.hsam-tmp-<host>-<pid>-claim-<hash>``), so that a second command
+(``Outputs.claim``: an empty ``.hsam-tmp-<host>-<pid>-claim-<hash>-<time>``), so that a second command
 writing the same file is refused before its work rather than after.
 
 This module imports nothing heavy, so that the command line checks its outputs before loading torch.
@@ -102,7 +102,10 @@ def _abandoned(temporary: Path, pid: int) -> bool:
     if pid == os.getpid():
         return False
     if os.name == "nt":  # os.kill would terminate the process there
-        return time.time() - temporary.stat().st_mtime > ABANDONED_AFTER_SECONDS
+        try:
+            return time.time() - temporary.stat().st_mtime > ABANDONED_AFTER_SECONDS
+        except OSError:  # removed meanwhile
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -183,13 +186,13 @@ class Outputs:
         for path in (Path(p) for p in paths if p is not None):
             remove_abandoned_temporaries(path.parent)
             tag = hashlib.sha256(real_path(path).encode()).hexdigest()[:12]
-            mine = path.parent / f"{TEMPORARY_PREFIX}{_HOST}-{os.getpid()}-claim-{tag}"
+            mine = path.parent / f"{TEMPORARY_PREFIX}{_HOST}-{os.getpid()}-claim-{tag}-{time.time_ns()}"
             try:
                 os.close(os.open(mine, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             except OSError as error:
                 raise InputError(f"cannot write {path}: {error_reason(error)}") from None
             self._claims.append(mine)
-            if any(_claimed_before(other, mine) for other in path.parent.glob(f"{TEMPORARY_PREFIX}*-claim-{tag}")):
+            if any(_claimed_before(other, mine) for other in path.parent.glob(f"{TEMPORARY_PREFIX}*-claim-{tag}-*")):
                 raise InputError(f"another hsam process is writing {path}; wait for it or choose another name")
 
     def stage(self, path: PathLike, write: Callable[[Path], None], verify: Optional[Callable[[Path], None]] = None) -> None:
@@ -256,14 +259,17 @@ class Outputs:
 
 
 def _claimed_before(other: Path, mine: Path) -> bool:
-    """Whether ``other`` is a live claim on this host made before ``mine`` (ties: by name)."""
+    """Whether ``other`` is a live claim on this host made before ``mine`` (by the time in their
+    names, file times being too coarse; ties by name)."""
     pid = _owner(other)
     if other == mine or pid is None or _abandoned(other, pid):
         return False
-    try:
-        return (other.stat().st_mtime_ns, other.name) < (mine.stat().st_mtime_ns, mine.name)
-    except OSError:  # released meanwhile
-        return False
+    return _claim_order(other) < _claim_order(mine)
+
+
+def _claim_order(claim: Path) -> tuple[int, str]:
+    stamp = claim.name.rpartition("-")[2]
+    return int(stamp) if stamp.isdigit() else 0, claim.name
 
 
 def write_atomic(
