@@ -17,11 +17,16 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from . import __version__
 from .errors import HSAMError, HSAMWarning, InputError, printable
 from .files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from .bundle import BundleMetadata
+    from .inference import SegmentationResult
+    from .io import Volume
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -142,7 +147,9 @@ def _segment(args: argparse.Namespace) -> None:
     print(output)
 
 
-def _segment_volume(args: argparse.Namespace, probabilities: bool):
+def _segment_volume(
+    args: argparse.Namespace, probabilities: bool
+) -> tuple[Volume, BundleMetadata, SegmentationResult, str]:
     """Check the model file, read the volume, then load the model and segment: (volume, metadata,
     SegmentationResult, a summary line)."""
     from .bundle import read_bundle_metadata
@@ -549,14 +556,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MemoryError:
         print("hsam: error: out of memory; try a smaller batch, volume or model", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    except OSError as error:
-        if args.debug or error.filename is None:
-            raise
-        print(f"hsam: error: {printable(error.filename)}: {error.strerror or error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
     except Exception as error:
         if args.debug:
             raise
+        if isinstance(error, OSError) and error.filename is not None:  # a file the system refused
+            print(f"hsam: error: {printable(error.filename)}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
         print(f"hsam: internal error: {type(error).__name__}: {printable(error, 300)} "
               f"(rerun as `hsam --debug {args.command} ...` for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
