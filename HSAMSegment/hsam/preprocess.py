@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .axes import SLICE_AXES
 from .errors import InputError
+from .presets import INTENSITY_MODES, SLICE_AXES  # noqa: F401 (SLICE_AXES: used by importers of this module)
+
 
 CT_WINDOW = (-125.0, 275.0)
 PERCENTILES = (0.5, 99.5)
-MODES = ("ct", "percentile")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class IntensityPreprocessing:
     percentiles: tuple[float, float] = PERCENTILES
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"unknown intensity preprocessing {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode not in INTENSITY_MODES:
+            raise InputError(f"unknown intensity preprocessing {self.mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
         for name, (low, high), limits in (("window", self.window, None), ("percentiles", self.percentiles, (0, 100))):
             if not low < high or (limits is not None and not limits[0] <= low < high <= limits[1]):
                 raise InputError(f"invalid {name} ({low}, {high}) for intensity preprocessing")

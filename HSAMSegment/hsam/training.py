@@ -46,13 +46,15 @@ from . import __version__
 from .augment import RandomAugmentation
 from .build import build_hsam
 from .bundle import BundleMetadata, default_color, load_bundle
-from .checkpoint import SAM_CHECKPOINTS, identify_sam_checkpoint, load_sam_weights, sha256_file
+from .checkpoint import load_sam_weights
 from .errors import Cancelled, CheckpointError, InputError
+from .files import write_bytes_atomic
 from .inference import resolve_precision, select_device
-from .io import write_atomic
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
+from .presets import MAX_CLASSES, MAX_LABEL_VALUE
+from .sam_weights import SAM_CHECKPOINTS, cached_sha256, identify_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -262,6 +264,8 @@ def _cohort_classes(cases: Sequence[TrainingCase], config: FinetuneConfig) -> tu
     for given, what in ((config.class_names, "class names"), (config.class_colors, "class colours")):
         if given is not None and len(given) != len(merged.label_values):
             raise InputError(f"{len(given)} {what} given for {len(merged.label_values)} classes")
+    if len(merged.label_values) > MAX_CLASSES or max(merged.label_values) > MAX_LABEL_VALUE:
+        raise InputError(f"a model holds at most {MAX_CLASSES} classes with label values up to {MAX_LABEL_VALUE}")
     if config.class_names is not None:
         merged.names = list(config.class_names)
     if config.class_colors is not None:
@@ -359,7 +363,7 @@ def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
         if identify_sam_checkpoint(path) != config.preset:
             raise CheckpointError(f"{path.name} is not the official SAM {config.preset} file")
         load_sam_weights(model, path, config.preset)
-        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": sha256_file(path)}
+        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": cached_sha256(path)}
     return _Model(model, config.preset, base, None, None)
 
 
@@ -424,7 +428,7 @@ def save_training_state(path: PathLike, state: TrainingState) -> Path:
     """Write a training state (safetensors + JSON, no pickle) atomically."""
     path = Path(path)
     payload = save({k: v.contiguous() for k, v in state.tensors.items()}, {STATE_KEY: json.dumps(state.info)})
-    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
+    write_bytes_atomic(path, payload, overwrite=True)
     return path
 
 
