@@ -230,6 +230,16 @@ def test_device_probe_json_on_this_machine():
     assert json.loads(cli.stdout).keys() == probe.keys()
 
 
+def test_devices_for_people(capsys):
+    from hsam.cli import main
+
+    assert main(["devices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"PyTorch {torch.__version__}")
+    assert any(line.startswith("CPU: ") for line in lines) and lines[-1].startswith("auto picks: ")
+    assert ("CUDA: not available" in lines) != torch.cuda.is_available()
+
+
 # --- the Slicer-side logic through the worker, on a real MRML scene ------------------------------
 
 
