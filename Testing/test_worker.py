@@ -54,6 +54,22 @@ def volume_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_job_left_behind(monkeypatch):
+    """Every worker a test starts is ended and its folder removed, also when the test fails."""
+    started = []
+    start = WorkerJob.start
+
+    def tracked_start(job, arguments):
+        started.append(job)
+        return start(job, arguments)
+
+    monkeypatch.setattr(WorkerJob, "start", tracked_start)
+    yield
+    for job in started:
+        job.cancel()
+
+
 def segment_job(volume_file, bundle, output_folder, *options) -> WorkerJob:
     job = WorkerJob()
     return job.start(["segment", volume_file, "-m", bundle, "-o", output_folder / "result.seg.nrrd",
