@@ -601,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "demo", help="fine-tune on a brain template and segment it",
         description="Fine-tune on every 10th slice of the MNI152 brain template's grey/white matter labels, "
-        "segment the whole volume, score it against the nearest-slice copy and write the results.",
+        "segment the whole volume, score it beside the nearest-slice copy and the Segment Editor's Fill between slices "
+        "(from the same annotated slices) and write the results.",
     )
     p.add_argument("--out", default="hsam-demo", help="output folder (default: ./hsam-demo)")
     p.add_argument("--sam-checkpoint", metavar="PATH", help="SAM ViT-B weights: fine-tune vit_b instead of tiny")
