@@ -120,6 +120,8 @@ def _segment(args: argparse.Namespace) -> None:
     _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
     if args.probabilities is not None:
         _check_output(Path(args.probabilities), args.overwrite, PROBABILITY_SUFFIXES, "probability file")
+    if args.uncertainty is not None:
+        _check_uncertainty_output(Path(args.uncertainty), args.overwrite)
     device = select_device(args.device)
     resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
     volume = read_volume(args.volume)
@@ -130,6 +132,7 @@ def _segment(args: argparse.Namespace) -> None:
             model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
             slice_range=args.slices, progress=bar, return_probabilities=args.probabilities is not None,
             largest_component=args.largest_component,
+            uncertainty=args.uncertainty_signal if args.uncertainty is not None else None,
         )
     if _suffix(output, (SEGMENTATION_SUFFIX,)):
         segments = [
@@ -143,6 +146,11 @@ def _segment(args: argparse.Namespace) -> None:
         write_labelmap(output, result.labels, volume, overwrite=args.overwrite)
     if args.probabilities is not None:
         _write_probabilities(Path(args.probabilities), result.probabilities, volume)
+    if args.uncertainty is not None:
+        from .uncertainty import write_uncertainty
+
+        write_uncertainty(args.uncertainty, result.uncertainty, result.slice_scores, volume, metadata.slice_axis,
+                          overwrite=args.overwrite)
     print(f"{Path(args.model).name} ({metadata.preset}; {', '.join(metadata.class_names)}) in "
           f"{time.monotonic() - started:.1f} s on {describe_device(device)}", file=sys.stderr)
     print(output)
@@ -167,6 +175,55 @@ def _write_probabilities(path: Path, probabilities, volume) -> None:
         sitk.WriteImage(image, str(temporary), useCompression=True)
 
     write_atomic(path, write, overwrite=True)
+
+
+def _check_uncertainty_output(path: Path, overwrite: bool) -> None:
+    from .uncertainty import MAP_SUFFIXES, scores_csv_path
+
+    _check_output(path, overwrite, MAP_SUFFIXES, "uncertainty map")
+    _check_output(scores_csv_path(path), overwrite, (".csv",), "per-slice score file")
+
+
+def _annotated_slices(text: Optional[str], volume, axis: str) -> list[int]:
+    """Slice indices from ``I,J,...`` or from the labelled slices of a labelmap / segmentation file."""
+    if text is None:
+        return []
+    if all(part.strip().isdigit() for part in text.split(",")):
+        return _int_list(text)
+    from .io import read_labelmap
+    from .training import annotated_slices
+
+    labels, _ = read_labelmap(text, reference=volume)
+    return annotated_slices(labels, axis)
+
+
+def _suggest(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle
+    from .inference import resolve_precision, segment_volume, select_device
+    from .io import read_volume
+    from .suggest import SpreadRule, suggest_slices
+
+    if args.csv is not None:
+        _check_output(Path(args.csv), args.overwrite, (".csv",), "CSV file")
+    device = select_device(args.device)
+    resolve_precision(args.precision, device)
+    volume = read_volume(args.volume)
+    model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
+    annotated = _annotated_slices(args.annotated, volume, metadata.slice_axis)
+    with _ProgressBar(f"scoring slices on {device.type}") as bar:
+        result = segment_volume(
+            model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
+            slice_range=args.slices, progress=bar, uncertainty=args.signal,
+        )
+    picks = suggest_slices(result.slice_scores, args.count, annotated, SpreadRule(min_distance=args.min_distance))
+    print(f"{'rank':>4} {metadata.slice_axis + ' slice':>14} {'uncertainty':>11}", file=sys.stderr)
+    for rank, index in enumerate(picks, start=1):
+        print(f"{rank:>4} {index:>14} {result.slice_scores[index]:>11.4f}", file=sys.stderr)
+    if args.csv is not None:
+        rows = "".join(f"{rank},{metadata.slice_axis},{index},{result.slice_scores[index]:.6f}\n"
+                       for rank, index in enumerate(picks, start=1))
+        write_atomic(args.csv, lambda tmp: tmp.write_text("rank,axis,slice,score\n" + rows, encoding="utf-8"), overwrite=True)
+    print(",".join(map(str, picks)))
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -349,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
                        help="CMAttn variant: reference = the authors' code (default), paper = as the paper describes it")
 
+    def uncertainty_signal_option(p: argparse.ArgumentParser, flag: str) -> None:
+        from .uncertainty import DEFAULT_SIGNAL, SIGNALS
+
+        p.add_argument(flag, default=DEFAULT_SIGNAL, choices=SIGNALS,
+                       help="disagreement of the two decoding stages, entropy of their mean probabilities, or "
+                       f"combined (default: {DEFAULT_SIGNAL}; docs/model.md compares them)")
+
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=DEVICES,
                        help="where to compute; auto: a CUDA GPU, then Apple MPS, then the CPU (default: auto)")
@@ -375,10 +439,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", metavar="FILE",
                    help="also write class probabilities: .npy (float16, classes×z×y×x, background first) or an "
                    "image file (vector image on the volume's grid)")
+    p.add_argument("--uncertainty", metavar="FILE",
+                   help="also write the model's per-voxel uncertainty (0–1, float) on the volume's grid (.nrrd, "
+                   ".nii.gz, .nii, .mha) and its per-slice scores in a CSV beside it (FILE with .csv)")
+    uncertainty_signal_option(p, "--uncertainty-signal")
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(run=_segment)
+
+    p = commands.add_parser(
+        "suggest", help="which slices to annotate next",
+        description="Segment VOLUME with an HSAM model and print the N slices (along the model's slice axis) "
+        "where the model is least sure, spread over the volume and skipping the annotated ones, most useful "
+        "first: a comma-separated line on stdout, a table with the scores on stderr.",
+    )
+    p.add_argument("volume", help="image volume")
+    p.add_argument("-m", "--model", required=True, help="model bundle (.hsam)")
+    p.add_argument("-n", "--count", type=_positive(int), default=5, help="number of slices to suggest (default: 5)")
+    p.add_argument("--annotated", metavar="LABELS|I,J,...",
+                   help="slices already annotated: a labelmap or .seg.nrrd on the volume's grid, or slice indices")
+    p.add_argument("--min-distance", type=int, metavar="SLICES",
+                   help="keep suggestions at least this many slices from each other and from annotated slices "
+                   "while possible (default: half the spacing of evenly spread annotations)")
+    uncertainty_signal_option(p, "--signal")
+    p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST", help="consider only these slices")
+    p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice and score as CSV")
+    device_option(p)
+    p.add_argument("--batch-size", type=_positive(int), default=4, help="slices per forward pass (default: 4)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (as in segment)" + EMULATED_PRECISION_NOTE)
+    p.add_argument("--sam-checkpoint", metavar="PATH",
+                   help="official SAM weights the model was fine-tuned from (default: the download cache)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
+    p.set_defaults(run=_suggest)
 
     p = commands.add_parser(
         "finetune", help="fine-tune H-SAM on the annotated slices of a volume",

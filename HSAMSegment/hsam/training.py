@@ -38,8 +38,9 @@ from safetensors.torch import save
 from . import __version__
 from .augment import RandomAugmentation
 from .build import build_hsam
-from .bundle import BundleMetadata, default_color, load_bundle
+from .bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata
 from .checkpoint import SAM_CHECKPOINTS, identify_sam_checkpoint, load_sam_weights, sha256_file
+from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
 from .inference import resolve_precision, select_device
 from .io import write_atomic
@@ -460,6 +461,8 @@ def finetune(
     if config.batch_size < 1:
         raise InputError("the batch size must be at least 1")
     axis = SLICE_AXES[config.slice_axis]
+    if config.base_bundle is not None:  # continuing: the base model's classes, names and colours
+        labels, segments = align_to_base(labels, segments, read_bundle_metadata(config.base_bundle), Path(config.base_bundle).name)
     classes = _classes(labels, segments, config)
     slices = _select_slices(labels, axis, config.slices)
     class_of_value = np.zeros(int(max(classes.label_values + [int(labels.max())])) + 1, dtype=np.int64)
