@@ -73,6 +73,10 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._curves = None
         self._summaryKey = None
+        self._suggestJob = None
+        self._suggestion = None  # (volume node, annotated slices, count) of the running suggestion
+        self._suggestionNodes = (None, None)  # uncertainty volume and score table of the last one
+        self._shownSlices = None  # (volume node, axis, suggested slices) listed in the panel
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -89,12 +93,15 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
         self.ui.showPlotButton.connect("clicked(bool)", self.showPlot)
+        self._suggestJob = JobRunner(self._onSuggestProgress, self._onSuggestFinished)
+        self.setupSuggestionPanel()
 
         self.refreshBaseModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._job.cancel()
+        self._suggestJob.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -109,6 +116,9 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._job.cancel()
+        self._suggestJob.cancel()
+        self._suggestionNodes = (None, None)
+        self._shownSlices = None
         self._curves = None
         self.setParameterNode(None)
 
@@ -251,8 +261,99 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reportJobError("Fine-tuning failed.", job.error)
         else:
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = f"Saved {job.result}. Select it in HSAM Segment."
             self.refreshBaseModels()
+            self.selectBaseModel(str(job.result))  # the next round continues from it
+            self.ui.statusLabel.text = (
+                f"Saved {job.result}. It is now the base model: Suggest slices, annotate them and Fine-tune "
+                "again to continue from it. Select it in HSAM Segment to segment other volumes."
+            )
+
+    # --- suggested slices -----------------------------------------------------------------------
+
+    def setupSuggestionPanel(self) -> None:
+        import ctk
+        import qt
+
+        section = ctk.ctkCollapsibleButton()
+        section.text = "Next slices to annotate"
+        form = qt.QFormLayout(section)
+        self.suggestCountSpinBox = qt.QSpinBox()
+        self.suggestCountSpinBox.setRange(1, 50)
+        self.suggestCountSpinBox.value = 5
+        form.addRow("Slices to suggest:", self.suggestCountSpinBox)
+        self.suggestButton = qt.QPushButton("Suggest slices")
+        self.suggestButton.toolTip = (
+            "Segment the volume with the base model (an HSAM model), show where it is unsure as an overlay and "
+            "list the slices to annotate next: the most uncertain ones, spread out, skipping annotated slices."
+        )
+        form.addRow(self.suggestButton)
+        self.suggestionList = qt.QListWidget()
+        self.suggestionList.toolTip = "Click a slice to show it in the slice views."
+        form.addRow(self.suggestionList)
+        self.layout.addWidget(section)
+        self.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        self.suggestionList.connect("currentRowChanged(int)", self.onSuggestionSelected)
+
+    def onSuggestButton(self) -> None:
+        if self._suggestJob.running:
+            self._suggestJob.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay("Could not suggest slices.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            from hsam.errors import InputError
+            from HSAMLib import mrml
+
+            p = self._parameterNode
+            if not p.baseModel.endswith(".hsam"):
+                raise InputError("choose an HSAM model (a fine-tuned one) as the base model to suggest slices")
+            suggester = self.logic.suggester
+            volume = mrml.volume_from_node(p.inputVolume)
+            annotated = suggester.annotatedSlices(p.segmentation, p.inputVolume, p.sliceAxis)
+            self._suggestion = (p.inputVolume, annotated, self.suggestCountSpinBox.value)
+            model, device = p.baseModel, p.device
+            self._suggestJob.start(lambda progress, cancel: suggester.predict(volume, model, device=device, progress=progress, cancel=cancel))
+            self.suggestButton.text = "Cancel"
+            self.ui.statusLabel.text = "Scoring the slices…"
+
+    def _onSuggestProgress(self, item) -> None:
+        fraction, message = item
+        self.ui.progressBar.value = int(100 * fraction)
+        self.ui.statusLabel.text = f"Scoring the slices: {message}"
+
+    def _onSuggestFinished(self, job) -> None:
+        self.suggestButton.text = "Suggest slices"
+        volumeNode, annotated, count = self._suggestion
+        if job.cancelled:
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        if job.error:
+            self.ui.statusLabel.text = "Failed."
+            reportJobError("Could not suggest slices.", job.error)
+            return
+        suggester, prediction = self.logic.suggester, job.result
+        if not slicer.mrmlScene.IsNodePresent(volumeNode):
+            self.ui.statusLabel.text = "The volume was removed."
+            return
+        picks = suggester.rank(prediction, count, annotated)
+        result = suggester.show(prediction, picks, volumeNode, *self._suggestionNodes)
+        self._suggestionNodes = (result.uncertaintyNode, result.tableNode)
+        self._shownSlices = (volumeNode, prediction.axis, picks)
+        self.suggestionList.clear()
+        for rank, index in enumerate(picks, start=1):
+            self.suggestionList.addItem(f"{rank}. {prediction.axis} slice {index} (uncertainty {prediction.scores[index]:.3f})")
+        self.ui.progressBar.value = 100
+        self.ui.statusLabel.text = (
+            f"Annotate {prediction.axis} slice {picks[0]} (shown) and the others listed, then Fine-tune."
+            if picks else "No slice left to suggest."
+        )
+
+    def onSuggestionSelected(self, row: int) -> None:
+        if row < 0 or self._shownSlices is None:
+            return
+        volumeNode, axis, picks = self._shownSlices
+        if slicer.mrmlScene.IsNodePresent(volumeNode):
+            self.logic.suggester.jumpToSlice(volumeNode, axis, picks[row])
 
 
 class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
@@ -262,6 +363,7 @@ class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._trainer = None
+        self._suggester = None
 
     def getParameterNode(self):
         return HSAMTrainingParameterNode(super().getParameterNode())
@@ -273,6 +375,15 @@ class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
             self._trainer = Trainer()
         return self._trainer
+
+    @property
+    def suggester(self):
+        """``HSAMLib.suggest_logic.HSAMSuggestLogic``: uncertainty, suggested slices, overlay."""
+        if self._suggester is None:
+            from HSAMLib.suggest_logic import HSAMSuggestLogic
+
+            self._suggester = HSAMSuggestLogic()
+        return self._suggester
 
 
 class HSAMTrainingTest(ScriptedLoadableModuleTest):
@@ -308,4 +419,8 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
             self.assertTrue(path.is_file())
             node = HSAMSegmentLogic().segment(volumeNode, path, device="cpu")
             self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 1)
+            self.delayDisplay("Suggesting slices")
+            suggestions = HSAMTrainingLogic().suggester.suggest(volumeNode, path, 2, segmentationNode, device="cpu")
+            self.assertEqual(len(suggestions.slices), 2)
+            self.assertFalse({3, 5} & set(suggestions.slices))
         self.delayDisplay("Test passed")
