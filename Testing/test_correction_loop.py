@@ -242,3 +242,12 @@ def test_a_model_for_other_classes_is_refused(data, tmp_path, capsys):
     code, _, err = run(["finetune", folder / "volume.nrrd", tmp_path / "other.seg.nrrd", "-o", out,
                         "--base-model", data["model"], "--epochs", "1", "--device", "cpu"], capsys)
     assert code == 2 and err.count("\n") == 1 and "'Spleen'" in err and not out.exists()
+
+
+@pytest.mark.parametrize("rule", [SpreadRule(min_distance=0), SpreadRule(sigma=1e-3, min_distance=4)])
+def test_each_spread_rule_alone_keeps_suggestions_apart(rule):
+    scores = np.full(40, 0.05)
+    scores[10:20] = np.linspace(0.8, 0.9, 10)  # uncertain neighbours, rising towards 19
+    picks = suggest_slices(scores, 3, annotated=[0, 39], rule=rule)
+    assert picks[0] == 19
+    assert min(abs(a - b) for i, a in enumerate(picks) for b in picks[i + 1:]) >= 3
