@@ -199,21 +199,20 @@ def _annotated_slices(text: Optional[str], volume, axis: str) -> list[int]:
 
 def _suggest(args: argparse.Namespace) -> None:
     from .bundle import load_bundle
-    from .inference import resolve_precision, segment_volume, select_device
+    from .inference import segment_volume, select_device
     from .io import read_volume
     from .suggest import SpreadRule, suggest_slices
 
     if args.csv is not None:
         _check_output(Path(args.csv), args.overwrite, (".csv",), "CSV file")
     device = select_device(args.device)
-    resolve_precision(args.precision, device)
     volume = read_volume(args.volume)
     model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
     annotated = _annotated_slices(args.annotated, volume, metadata.slice_axis)
     with _ProgressBar(f"scoring slices on {device.type}") as bar:
         result = segment_volume(
-            model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
-            slice_range=args.slices, progress=bar, uncertainty=args.signal,
+            model, volume, metadata, device=device, batch_size=args.batch_size, slice_range=args.slices,
+            progress=bar, uncertainty=args.signal,
         )
     picks = suggest_slices(result.slice_scores, args.count, annotated, SpreadRule(min_distance=args.min_distance))
     print(f"{'rank':>4} {metadata.slice_axis + ' slice':>14} {'uncertainty':>11}", file=sys.stderr)
@@ -467,10 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice and score as CSV")
     device_option(p)
     p.add_argument("--batch-size", type=_positive(int), default=4, help="slices per forward pass (default: 4)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision (as in segment)" + EMULATED_PRECISION_NOTE)
-    p.add_argument("--sam-checkpoint", metavar="PATH",
-                   help="official SAM weights the model was fine-tuned from (default: the download cache)")
+    p.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM weights of the model (default: the cache)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
     p.set_defaults(run=_suggest)
 
