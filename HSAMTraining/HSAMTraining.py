@@ -301,6 +301,7 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not suggest slices.", waitCursor=True):
             if not ensureDependencies():
                 return
+            from hsam.bundle import read_bundle_metadata
             from hsam.errors import InputError
             from HSAMLib import mrml
 
@@ -309,7 +310,8 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise InputError("choose an HSAM model (a fine-tuned one) as the base model to suggest slices")
             suggester = self.logic.suggester
             volume = mrml.volume_from_node(p.inputVolume)
-            annotated = suggester.annotatedSlices(p.segmentation, p.inputVolume, p.sliceAxis)
+            axis = read_bundle_metadata(p.baseModel).slice_axis  # the axis the model scores slices along
+            annotated = suggester.annotatedSlices(p.segmentation, p.inputVolume, axis)
             self._suggestion = (p.inputVolume, annotated, self.suggestCountSpinBox.value)
             model, device = p.baseModel, p.device
             self._suggestJob.start(lambda progress, cancel: suggester.predict(volume, model, device=device, progress=progress, cancel=cancel))

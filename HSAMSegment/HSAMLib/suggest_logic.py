@@ -146,7 +146,7 @@ class HSAMSuggestLogic:
     def scoresTable(scene, scores: np.ndarray, picks: list[int], axis: str, tableNode=None, name: str = "HSAM slice uncertainty"):
         """A table with one row per scored slice: index, score, suggestion rank (1 = first, 0 = not
         suggested); ``tableNode`` is refilled if given."""
-        if tableNode is None:
+        if tableNode is None or not scene.IsNodePresent(tableNode):
             tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
         rank = {index: r for r, index in enumerate(picks, start=1)}
         scored = [i for i in range(len(scores)) if np.isfinite(scores[i])]
