@@ -142,12 +142,15 @@ def _segment(args: argparse.Namespace) -> None:
     _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
     if probabilities is not None:
         _check_output(probabilities, args.overwrite, PROBABILITY_SUFFIXES, "probability file")
+    uncertainty = Path(args.uncertainty) if args.uncertainty is not None else None
+    if uncertainty is not None:
+        _check_uncertainty_output(uncertainty, args.overwrite)
     for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
         _check_input(path, what)
-    check_distinct([output, probabilities], [args.volume, args.model, args.sam_checkpoint])
+    check_distinct([output, probabilities, *_uncertainty_files(uncertainty)], [args.volume, args.model, args.sam_checkpoint])
     # the labels and the probabilities, or neither
     with Outputs(args.overwrite) as outputs, _progress(args, "segmenting", "load") as bar:
-        outputs.claim([output, probabilities])
+        outputs.claim([output, probabilities, *_uncertainty_files(uncertainty)])
         volume, metadata, result, summary = _segment_volume(args, probabilities is not None, bar)
         from .io import Segment, write_output
 
@@ -161,6 +164,10 @@ def _segment(args: argparse.Namespace) -> None:
         write_output(output, result.labels, volume, segments, outputs=outputs)
         if probabilities is not None:
             _write_probabilities(probabilities, result.probabilities, volume, outputs)
+        if uncertainty is not None:
+            from .uncertainty import write_uncertainty
+
+            write_uncertainty(uncertainty, result.uncertainty, result.slice_scores, volume, metadata.slice_axis, outputs)
         outputs.publish()
     if isinstance(bar, JsonProgress):
         bar.result(summary, output=output, probabilities=args.probabilities)
@@ -193,6 +200,7 @@ def _segment_volume(
         model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
         slice_range=args.slices, progress=bar, return_probabilities=probabilities,
         largest_component=args.largest_component,
+        uncertainty=args.uncertainty_signal if args.uncertainty is not None else None,
     )
     summary = (f"{Path(args.model).name} ({metadata.preset}; {printable(', '.join(metadata.class_names))}) in "
                f"{time.monotonic() - started:.1f} s on {describe_device(device)}")
@@ -220,6 +228,63 @@ def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) ->
     image.SetOrigin([float(o) for o in volume.origin])
     image.SetDirection([float(d) for d in volume.direction])
     write_image(path, image, outputs=outputs)
+
+
+def _uncertainty_files(path: Optional[Path]) -> list[Path]:
+    """The uncertainty map and its per-slice CSV, or nothing."""
+    from .uncertainty import scores_csv_path
+
+    return [] if path is None else [path, scores_csv_path(path)]
+
+
+def _check_uncertainty_output(path: Path, overwrite: bool) -> None:
+    from .uncertainty import MAP_SUFFIXES, scores_csv_path
+
+    _check_output(path, overwrite, MAP_SUFFIXES, "uncertainty map")
+    _check_output(scores_csv_path(path), overwrite, (".csv",), "per-slice score file")
+
+
+def _annotated_slices(text: Optional[str], volume, axis: str) -> list[int]:
+    """Slice indices from ``I,J,...`` or from the labelled slices of a labelmap / segmentation file."""
+    if text is None:
+        return []
+    if all(part.strip().isdigit() for part in text.split(",")):
+        return _int_list(text)
+    from .io import read_labelmap
+    from .training import annotated_slices
+
+    labels, _ = read_labelmap(text, reference=volume)
+    return annotated_slices(labels, axis)
+
+
+def _suggest(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle
+    from .inference import segment_volume, select_device
+    from .io import read_volume
+    from .suggest import SpreadRule, suggest_slices
+
+    if args.csv is not None:
+        _check_output(Path(args.csv), args.overwrite, (".csv",), "CSV file")
+    for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
+        _check_input(path, what)
+    device = select_device(args.device)
+    volume = read_volume(args.volume)
+    model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
+    annotated = _annotated_slices(args.annotated, volume, metadata.slice_axis)
+    with _ProgressBar(f"scoring slices on {device.type}") as bar:
+        result = segment_volume(
+            model, volume, metadata, device=device, batch_size=args.batch_size, slice_range=args.slices,
+            progress=bar, uncertainty=args.signal,
+        )
+    picks = suggest_slices(result.slice_scores, args.count, annotated, SpreadRule(min_distance=args.min_distance))
+    print(f"{'rank':>4} {metadata.slice_axis + ' slice':>14} {'uncertainty':>11}", file=sys.stderr)
+    for rank, index in enumerate(picks, start=1):
+        print(f"{rank:>4} {index:>14} {result.slice_scores[index]:>11.4f}", file=sys.stderr)
+    if args.csv is not None:
+        rows = "".join(f"{rank},{metadata.slice_axis},{index},{result.slice_scores[index]:.6f}\n"
+                       for rank, index in enumerate(picks, start=1))
+        write_bytes_atomic(args.csv, ("rank,axis,slice,score\n" + rows).encode("utf-8"), overwrite=True)
+    print(",".join(map(str, picks)))
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -470,6 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resample-labels", action="store_true",
                        help=f"resample {what} onto the other grid (nearest neighbour) instead of refusing it")
 
+    def uncertainty_signal_option(p: argparse.ArgumentParser, flag: str) -> None:
+        from .uncertainty import DEFAULT_SIGNAL, SIGNALS
+
+        p.add_argument(flag, default=DEFAULT_SIGNAL, choices=SIGNALS,
+                       help="disagreement of the two decoding stages, entropy of their mean probabilities, or "
+                       f"combined (default: {DEFAULT_SIGNAL}; docs/model.md compares them)")
+
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=DEVICES,
                        help="where to compute; auto: a CUDA GPU, then Apple MPS, then the CPU (default: auto)")
@@ -497,11 +569,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", metavar="FILE",
                    help="also write class probabilities: .npy (float16, classes×z×y×x, background first) or an "
                    "image file (vector image on the volume's grid)")
+    p.add_argument("--uncertainty", metavar="FILE",
+                   help="also write the model's per-voxel uncertainty (0–1, float) on the volume's grid (.nrrd, "
+                   ".nii.gz, .nii, .mha) and its per-slice scores in a CSV beside it (FILE with .csv)")
+    uncertainty_signal_option(p, "--uncertainty-signal")
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     progress_option(p)
     p.set_defaults(run=_segment)
+
+    p = commands.add_parser(
+        "suggest", help="which slices to annotate next",
+        description="Segment VOLUME with an HSAM model and print the N slices (along the model's slice axis) "
+        "where the model is least sure, spread over the volume and skipping the annotated ones, most useful "
+        "first: a comma-separated line on stdout, a table with the scores on stderr.",
+    )
+    p.add_argument("volume", help="image volume")
+    p.add_argument("-m", "--model", required=True, help="model bundle (.hsam)")
+    p.add_argument("-n", "--count", type=_positive(int), default=5, help="number of slices to suggest (default: 5)")
+    p.add_argument("--annotated", metavar="LABELS|I,J,...",
+                   help="slices already annotated: a labelmap or .seg.nrrd on the volume's grid, or slice indices")
+    p.add_argument("--min-distance", type=int, metavar="SLICES",
+                   help="keep suggestions at least this many slices from each other and from annotated slices "
+                   "while possible (default: half the spacing of evenly spread annotations)")
+    uncertainty_signal_option(p, "--signal")
+    p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST", help="consider only these slices")
+    p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice and score as CSV")
+    device_option(p)
+    p.add_argument("--batch-size", type=_positive(int), default=4, help="slices per forward pass (default: 4)")
+    p.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM weights of the model (default: the cache)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
+    p.set_defaults(run=_suggest)
 
     p = commands.add_parser(
         "finetune", help="fine-tune H-SAM on the annotated slices of one or more volumes",

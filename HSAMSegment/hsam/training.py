@@ -45,8 +45,9 @@ from safetensors.torch import save
 from . import __version__
 from .augment import RandomAugmentation
 from .build import build_hsam
-from .bundle import BundleMetadata, default_color, load_bundle
+from .bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata
 from .checkpoint import load_sam_weights
+from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
 from .files import write_bytes_atomic
 from .inference import resolve_precision, select_device
@@ -537,10 +538,13 @@ def finetune_cohort(
     config = config or FinetuneConfig()
     _check_config(config, len(cases))
     axis = SLICE_AXES[config.slice_axis]
+    base = read_bundle_metadata(config.base_bundle) if config.base_bundle is not None else None
     for index, case in enumerate(cases):
         case.labels = np.asarray(case.labels)
         case.name = case.name or f"volume {index + 1}"
         _check_inputs(case.volume, case.labels, case.name if len(cases) > 1 else "")
+        if base is not None:  # continuing: the base model's classes, names and colours, in its order
+            case.labels, case.segments = align_to_base(case.labels, case.segments, base, Path(config.base_bundle).name)
     classes, class_labels = _cohort_classes(cases, config)
     slices = [_select_slices(labels, axis, case.slices if case.slices is not None else config.slices)
               for case, labels in zip(cases, class_labels)]
