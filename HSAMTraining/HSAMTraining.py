@@ -498,6 +498,7 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
         import numpy as np
         from hsam.io import Segment
         from HSAMLib import dependencies, mrml
+        from HSAMLib.segment_logic import HSAMSegmentLogic
         from HSAMLib.plots import TrainingCurves
 
         z, y, x = np.mgrid[:8, :40, :48]
