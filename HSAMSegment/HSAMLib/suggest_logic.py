@@ -18,7 +18,7 @@ import slicer
 import vtk
 
 from hsam.errors import InputError
-from hsam.io import read_labelmap, read_volume, write_volume
+from hsam.io import Volume, read_labelmap, read_volume, write_volume
 from hsam.presets import SLICE_AXES
 
 from . import mrml
