@@ -391,12 +391,22 @@ def test_output_inside_a_dicom_folder_is_refused(tmp_path, model, out, capsys):
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".NII.GZ", ".seg.nrrd", ".mha"])
-def test_long_and_upper_case_output_names_work(tmp_path, model, capsys, suffix):
+def test_long_and_upper_case_output_names_work(tmp_path, suffix):
+    from hsam.io import write_output
+
+    output = tmp_path / ("x" * (255 - len(suffix)) + suffix)  # the longest name the file system allows
+    labels = np.random.default_rng(4).integers(0, 3, SHAPE).astype(np.uint8)
+    write_output(output, labels, Volume(noisy(), SPACING, ORIGIN))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output))), labels)
+    assert os.listdir(tmp_path) == [output.name]
+
+
+def test_upper_case_suffix_is_written_by_the_command_line(tmp_path, model, capsys):
     volume = _write_image(tmp_path / "volume.nrrd", noisy())
-    output = tmp_path / ("x" * (255 - len(suffix)) + suffix)
+    output = tmp_path / "LABELS.NII.GZ"
     assert main([str(a) for a in ["segment", volume, "-m", model, "-o", output, "--device", "cpu"]]) == 0
     assert sitk.ReadImage(str(output)).GetSize() == SHAPE[::-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([volume.name, output.name])
+    assert sorted(os.listdir(tmp_path)) == ["LABELS.NII.GZ", "volume.nrrd"]
 
 
 def _write(kind: str, folder: Path) -> None:
