@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +45,28 @@ EMULATED_PRECISION_NOTE = (
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other tools in a pipeline
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(BaseException):
+    """SIGTERM (e.g. a cancelled worker): unwinds like Ctrl-C, so that claims and temporaries go away."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into ``_Terminated`` while a command runs (main thread only), then restore the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -737,7 +761,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``hsam`` with ``argv`` (default: the command line); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        with _only_hsam_warnings():
+        with _only_hsam_warnings(), _sigterm_unwinds():
             args.run(args)
             sys.stdout.flush()
     except HSAMError as error:
@@ -746,6 +770,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("hsam: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        print("hsam: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         _stdout_to_nowhere()
         return EXIT_BROKEN_PIPE
