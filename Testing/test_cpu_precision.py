@@ -59,7 +59,7 @@ print(json.dumps({
 def run_avx2_only(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python *args`` with this checkout's engine, on the CPU seen as AVX2-only."""
     env = {**os.environ, **AVX2_ONLY, "PYTHONPATH": str(ROOT / "HSAMSegment")}
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, encoding="utf-8", timeout=timeout)
 
 
 @pytest.fixture(scope="module")
