@@ -74,16 +74,12 @@ def test_signals_on_known_probabilities():
     assert combined == pytest.approx((1 + math.log(2) / math.log(3)) / 2, abs=1e-3)
 
 
-def test_slice_score_is_the_mean_over_the_uncertain_region():
-    u = np.zeros((3, 4, 4), np.float32)
-    labels = np.zeros((3, 4, 4), np.uint8)
-    labels[0, :2, :2] = 1  # 4 labelled voxels of uncertainty 0.01 and 2 unlabelled voxels of 0.5
-    u[0, :2, :2] = 0.01
-    u[0, 3, :2] = 0.5
-    u[1] = 0.01  # below the threshold, nothing labelled: no region
-    scores = slice_scores(u, labels, axis=0)
-    np.testing.assert_allclose(scores, [(4 * 0.01 + 2 * 0.5) / 6, 0.0, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(slice_scores(u, labels, axis=2)[:2], [(2 * 0.01 + 0.5) / 3] * 2, rtol=1e-6)
+def test_slice_score_is_the_mean_over_the_slice():
+    u = np.zeros((3, 4, 5), np.float32)
+    u[0, :2, :2] = 0.5
+    u[2] = 0.25
+    np.testing.assert_allclose(slice_scores(u, axis=0), [4 * 0.5 / 20, 0.0, 0.25])
+    np.testing.assert_allclose(slice_scores(u, axis=2)[:2], [(2 * 0.5 + 4 * 0.25) / 12] * 2)
 
 
 @pytest.mark.parametrize("signal", SIGNALS)
@@ -96,7 +92,7 @@ def test_segment_volume_returns_a_map_on_the_input_grid(data, signal):
     assert not u[:2].any() and not u[10:].any()  # outside the segmented range
     assert result.slice_scores.shape == (12,)
     assert np.isnan(result.slice_scores[:2]).all() and np.isnan(result.slice_scores[10:]).all()
-    np.testing.assert_allclose(result.slice_scores[2:10], slice_scores(u, result.labels)[2:10])
+    np.testing.assert_allclose(result.slice_scores[2:10], slice_scores(u)[2:10])
     plain = segment_volume(model, data["volume"], metadata, device="cpu", slice_range=(2, 9))
     np.testing.assert_array_equal(plain.labels, result.labels)  # the labels do not change
     assert plain.uncertainty is None and plain.slice_scores is None

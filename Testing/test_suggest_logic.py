@@ -14,7 +14,7 @@ from hsam.inference import segment_volume  # noqa: E402
 from hsam.io import Segment, Volume  # noqa: E402
 from hsam.preprocess import IntensityPreprocessing  # noqa: E402
 from hsam.suggest import suggest_slices  # noqa: E402
-from hsam.uncertainty import DEFAULT_SIGNAL, REGION_THRESHOLD  # noqa: E402
+from hsam.uncertainty import DEFAULT_SIGNAL, OVERLAY_THRESHOLD  # noqa: E402
 from HSAMLib import mrml  # noqa: E402
 from HSAMLib.suggest_logic import COLOR_NODE_NAME, HSAMSuggestLogic  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_suggest_shows_the_map_on_the_volume_grid_and_skips_annotated_slices(sce
     np.testing.assert_allclose(mrml.volume_from_node(node).array, expected.uncertainty, atol=1e-6)
     display = node.GetDisplayNode()
     assert display.GetColorNode().GetName() == COLOR_NODE_NAME
-    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(REGION_THRESHOLD)
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(OVERLAY_THRESHOLD)
     for _, composite in views.values():
         assert composite.GetForegroundVolumeID() == node.GetID() and composite.GetForegroundOpacity() == 0.5
 

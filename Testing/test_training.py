@@ -155,8 +155,11 @@ def test_continue_from_a_bundle(phantom, tmp_path):
     second = finetune(volume, labels, segments, FinetuneConfig(base_bundle=path, epochs=1, device="cpu"))
     assert second.metadata.training["base_bundle"] == "first.hsam"
     assert second.metadata.img_size == 224 and second.metadata.preset == "tiny"
-    with pytest.raises(InputError, match="3 classes"):
-        finetune(volume, np.where(labels == 7, 0, labels), segments[:2], FinetuneConfig(base_bundle=path, epochs=1))
+    # new annotations of some of the model's classes: the model keeps all three
+    subset = finetune(volume, np.where(labels == 7, 0, labels), segments[:2], quick_config(base_bundle=path, epochs=1))
+    assert subset.metadata.label_values == list(LABEL_VALUES) and subset.metadata.num_classes == 3
+    with pytest.raises(InputError, match="segment 'Label_9'"):
+        finetune(volume, np.where(labels == 7, 9, labels), [], FinetuneConfig(base_bundle=path, epochs=1))
 
 
 def test_validation_keeps_the_best_weights(phantom):

@@ -130,7 +130,7 @@ class HSAMSuggestLogic:
     def showUncertainty(self, uncertainty: np.ndarray, volumeNode, previous=None):
         """A scalar volume on ``volumeNode``'s grid holding the map (replacing ``previous``), coloured
         blue→red above the region threshold, shown as the foreground of every slice view."""
-        from hsam.uncertainty import REGION_THRESHOLD
+        from hsam.uncertainty import OVERLAY_THRESHOLD
 
         scene = volumeNode.GetScene()
         if tuple(uncertainty.shape) != tuple(volumeNode.GetImageData().GetDimensions()[::-1]):
@@ -147,7 +147,7 @@ class HSAMSuggestLogic:
         display.SetWindowLevelMinMax(0.0, 1.0)
         display.SetApplyThreshold(True)
         display.SetAutoThreshold(False)
-        display.SetLowerThreshold(REGION_THRESHOLD)
+        display.SetLowerThreshold(OVERLAY_THRESHOLD)
         display.SetUpperThreshold(1.0)
         for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
             composite.SetForegroundVolumeID(node.GetID())

@@ -304,6 +304,6 @@ def segment_volume(
         keep_largest_components(labels, metadata.label_values, cancel)
     scores = None
     if uncertainty_map is not None:
-        scores = slice_scores(uncertainty_map, labels, axis)
+        scores = slice_scores(uncertainty_map, axis)
         scores[:start] = scores[stop:] = np.nan
     return SegmentationResult(labels, probabilities, uncertainty_map, scores)

@@ -8,9 +8,9 @@ Signals (``SIGNALS``), measured on the MNI152 demo in docs/model.md ("Uncertaint
 * ``entropy``: entropy of the mean of both stages' class probabilities, divided by log K.
 * ``combined``: the mean of the two.
 
-A slice's score is the mean voxel uncertainty over the slice's *uncertain region*: the voxels the
-model labels as a class or whose uncertainty exceeds ``REGION_THRESHOLD``. Averaging over the whole
-slice would rank slices by how much anatomy they hold rather than by how unsure the model is there.
+A slice's score is its mean voxel uncertainty: averaging only over the slice's uncertain region
+(voxels labelled as a class or above ``OVERLAY_THRESHOLD``, the lowest value an overlay draws)
+ranked slices worse by their error on the demo (docs/model.md).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import torch
 
 SIGNALS = ("disagreement", "entropy", "combined")
-DEFAULT_SIGNAL = "entropy"
-REGION_THRESHOLD = 0.05
+DEFAULT_SIGNAL = "disagreement"
+OVERLAY_THRESHOLD = 0.05
 MAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
@@ -62,16 +62,10 @@ def stage_logits_on_grid(stage1_logits: torch.Tensor, stage2_logits: torch.Tenso
     return resize(stage1_logits), resize(stage2_logits)
 
 
-def slice_scores(uncertainty: np.ndarray, labels: np.ndarray, axis: int = 0) -> np.ndarray:
-    """(depth,) score of each slice along ``axis``: mean uncertainty over its uncertain region (voxels
-    labelled as a class or above ``REGION_THRESHOLD``), 0 for a slice without such voxels.
-
-    ``uncertainty``: (z, y, x) in [0, 1]; ``labels``: (z, y, x), 0 = background."""
-    u = np.moveaxis(uncertainty, axis, 0).reshape(uncertainty.shape[axis], -1)
-    region = (np.moveaxis(labels, axis, 0).reshape(u.shape) != 0) | (u > REGION_THRESHOLD)
-    counts = region.sum(axis=1)
-    totals = np.where(region, u, 0.0).sum(axis=1, dtype=np.float64)
-    return np.divide(totals, counts, out=np.zeros(len(counts)), where=counts > 0)
+def slice_scores(uncertainty: np.ndarray, axis: int = 0) -> np.ndarray:
+    """(depth,) mean uncertainty of each slice along ``axis`` of a (z, y, x) map."""
+    other = tuple(a for a in range(uncertainty.ndim) if a != axis)
+    return uncertainty.mean(axis=other, dtype=np.float64)
 
 
 def scores_csv_path(map_path) -> Path:
