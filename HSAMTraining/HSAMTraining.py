@@ -86,6 +86,11 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._summaryKey = None
         self._summaryTimer = None
         self._observedSegmentation = None
+        self._pairs = None
+        self._suggestJob = None
+        self._suggestion = None  # (volume node, annotated slices, count) of the running suggestion
+        self._suggestionNodes = (None, None)  # uncertainty volume and score table of the last one
+        self._shownSlices = None  # (volume node, axis, suggested slices) listed in the panel
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -108,13 +113,55 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.baseModelComboBox.connect("currentIndexChanged(int)", self.onBaseModelChanged)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
         self.ui.showPlotButton.connect("clicked(bool)", self.showPlot)
+        self._setupPairsList()
+        self._suggestJob = JobRunner(self._onSuggestProgress, self._onSuggestFinished)
+        self.setupSuggestionPanel()
 
         self.refreshBaseModels()
         self.initializeParameterNode()
 
+    def _setupPairsList(self) -> None:
+        """Below the inputs: more (volume, segmentation) pairs that the same model trains on."""
+        import qt
+
+        from HSAMLib.training_logic import TrainingPairs
+
+        self._pairs = TrainingPairs()
+        self.pairsList = qt.QListWidget()
+        self.pairsList.toolTip = ("Other annotated (volume, segmentation) pairs, e.g. other patients: one model "
+                                  "trains on the annotated slices of all of them and of the pair above.")
+        self.pairsList.setMaximumHeight(90)
+        addButton = qt.QPushButton("Add pair above")
+        addButton.toolTip = "Add the volume and segmentation selected above to the training pairs"
+        removeButton = qt.QPushButton("Remove")
+        addButton.connect("clicked(bool)", self.onAddPair)
+        removeButton.connect("clicked(bool)", self.onRemovePair)
+        buttons = qt.QHBoxLayout()
+        buttons.addWidget(addButton)
+        buttons.addWidget(removeButton)
+        form = self.ui.inputsCollapsibleButton.layout()
+        form.addRow("More training pairs:", self.pairsList)
+        form.addRow("", buttons)
+
+    def onAddPair(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not add the pair."):
+            p = self._parameterNode
+            self._pairs.add(p.inputVolume, p.segmentation)
+            self.updatePairsList()
+
+    def onRemovePair(self) -> None:
+        self._pairs.remove(self.pairsList.currentRow)
+        self.updatePairsList()
+
+    def updatePairsList(self) -> None:
+        self.pairsList.clear()
+        for name in self._pairs.names(slicer.mrmlScene):
+            self.pairsList.addItem(name)
+
     def cleanup(self) -> None:
         self._job.stop()
         self._summaryTimer.stop()
+        self._suggestJob.stop()
         self.removeObservers()
 
     def onReload(self) -> None:
@@ -134,7 +181,12 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._job.cancel()
+        self._suggestJob.cancel()
+        self._suggestionNodes = (None, None)
+        self._shownSlices = None
         self._curves = None
+        self._pairs.ids.clear()
+        self.updatePairsList()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -253,7 +305,11 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             p = self._parameterNode
             trainer = self.logic.trainer
-            data = trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis)
+            pairs = self._pairs.cohort(slicer.mrmlScene, p.inputVolume, p.segmentation)
+            if len(pairs) == 1:
+                data = [trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis)]
+            else:
+                data = trainer.prepareCohort(pairs, p.sliceAxis)
             config = trainer.makeConfig(
                 baseModel=p.baseModel,
                 epochs=p.epochs,
@@ -268,7 +324,8 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._curves = TrainingCurves(slicer.mrmlScene, f"HSAM training {name}")
             self.showPlot()
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = f"Training on {len(data.annotated.slices)} slices…"
+            slices = sum(len(d.annotated.slices) for d in data)
+            self.ui.statusLabel.text = f"Training on {slices} slices of {len(data)} volume(s)…"
             self.updateButtons()
 
     def showPlot(self) -> None:
@@ -300,8 +357,100 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not save the model.", waitCursor=True):
                 path = self.logic.trainer.saveModel(job, self._jobName)
                 self.ui.progressBar.value = 100
-                self.ui.statusLabel.text = f"Saved {path}. Select it in HSAM Segment."
                 self.refreshBaseModels()
+                self.selectBaseModel(str(path))  # the next round continues from it
+                self.ui.statusLabel.text = (
+                    f"Saved {path}. It is now the base model: Suggest slices, annotate them and Fine-tune "
+                    "again to continue from it. Select it in HSAM Segment to segment other volumes."
+                )
+
+    # --- suggested slices -----------------------------------------------------------------------
+
+    def setupSuggestionPanel(self) -> None:
+        import ctk
+        import qt
+
+        section = ctk.ctkCollapsibleButton()
+        section.text = "Next slices to annotate"
+        form = qt.QFormLayout(section)
+        self.suggestCountSpinBox = qt.QSpinBox()
+        self.suggestCountSpinBox.setRange(1, 50)
+        self.suggestCountSpinBox.value = 5
+        form.addRow("Slices to suggest:", self.suggestCountSpinBox)
+        self.suggestButton = qt.QPushButton("Suggest slices")
+        self.suggestButton.toolTip = (
+            "Segment the volume with the base model (an HSAM model), show where it is unsure as an overlay and "
+            "list the slices to annotate next: the most uncertain ones, spread out, skipping annotated slices."
+        )
+        form.addRow(self.suggestButton)
+        self.suggestionList = qt.QListWidget()
+        self.suggestionList.toolTip = "Click a slice to show it in the slice views."
+        form.addRow(self.suggestionList)
+        self.layout.addWidget(section)
+        self.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        self.suggestionList.connect("currentRowChanged(int)", self.onSuggestionSelected)
+
+    def onSuggestButton(self) -> None:
+        if self._suggestJob.running:
+            self._suggestJob.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay("Could not suggest slices.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            from hsam.bundle import read_bundle_metadata
+            from hsam.errors import InputError
+
+            p = self._parameterNode
+            if not p.baseModel.endswith(".hsam"):
+                raise InputError("choose an HSAM model (a fine-tuned one) as the base model to suggest slices")
+            suggester = self.logic.suggester
+            axis = read_bundle_metadata(p.baseModel).slice_axis  # the axis the model scores slices along
+            annotated = suggester.annotatedSlices(p.segmentation, p.inputVolume, axis)
+            self._suggestion = (p.inputVolume, axis, annotated, self.suggestCountSpinBox.value)
+            self._suggestJob.start(suggester.startPrediction(p.inputVolume, p.baseModel, device=p.device))
+            self.suggestButton.text = "Cancel"
+            self.ui.statusLabel.text = "Scoring the slices…"
+
+    def _onSuggestProgress(self, events) -> None:
+        self.ui.progressBar.value = int(100 * events[-1]["fraction"])
+        self.ui.statusLabel.text = f"Scoring the slices: {events[-1]['message']}"
+
+    def _onSuggestFinished(self, job) -> None:
+        from HSAMLib.worker import CANCELLED, SUCCEEDED
+
+        self.suggestButton.text = "Suggest slices"
+        volumeNode, axis, annotated, count = self._suggestion
+        if job.state != SUCCEEDED:
+            job.cleanup()
+            self.ui.statusLabel.text = "Cancelled." if job.state == CANCELLED else "Failed."
+            if job.state != CANCELLED:
+                reportWorkerError("Could not suggest slices.", job)
+            return
+        suggester = self.logic.suggester
+        with slicer.util.tryWithErrorDisplay("Could not read the suggestion.", waitCursor=True):
+            prediction = suggester.loadPrediction(job, axis)
+        if not slicer.mrmlScene.IsNodePresent(volumeNode):
+            self.ui.statusLabel.text = "The volume was removed."
+            return
+        picks = suggester.rank(prediction, count, annotated)
+        result = suggester.show(prediction, picks, volumeNode, *self._suggestionNodes)
+        self._suggestionNodes = (result.uncertaintyNode, result.tableNode)
+        self._shownSlices = (volumeNode, prediction.axis, picks)
+        self.suggestionList.clear()
+        for rank, index in enumerate(picks, start=1):
+            self.suggestionList.addItem(f"{rank}. {prediction.axis} slice {index} (uncertainty {prediction.scores[index]:.3f})")
+        self.ui.progressBar.value = 100
+        self.ui.statusLabel.text = (
+            f"Annotate {prediction.axis} slice {picks[0]} (shown) and the others listed, then Fine-tune."
+            if picks else "No slice left to suggest."
+        )
+
+    def onSuggestionSelected(self, row: int) -> None:
+        if row < 0 or self._shownSlices is None:
+            return
+        volumeNode, axis, picks = self._shownSlices
+        if slicer.mrmlScene.IsNodePresent(volumeNode):
+            self.logic.suggester.jumpToSlice(volumeNode, axis, picks[row])
 
 
 class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
@@ -311,6 +460,7 @@ class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._trainer = None
+        self._suggester = None
 
     def getParameterNode(self):
         return HSAMTrainingParameterNode(super().getParameterNode())
@@ -322,6 +472,15 @@ class HSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
             self._trainer = Trainer()
         return self._trainer
+
+    @property
+    def suggester(self):
+        """``HSAMLib.suggest_logic.HSAMSuggestLogic``: uncertainty, suggested slices, overlay."""
+        if self._suggester is None:
+            from HSAMLib.suggest_logic import HSAMSuggestLogic
+
+            self._suggester = HSAMSuggestLogic()
+        return self._suggester
 
 
 class HSAMTrainingTest(ScriptedLoadableModuleTest):
@@ -339,6 +498,7 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
         import numpy as np
         from hsam.io import Segment
         from HSAMLib import dependencies, mrml
+        from HSAMLib.segment_logic import HSAMSegmentLogic
         from HSAMLib.plots import TrainingCurves
 
         z, y, x = np.mgrid[:8, :40, :48]
@@ -366,5 +526,11 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
             config = trainer.makeConfig("tiny", epochs=2, batchSize=2, device="cpu", imageSize=224)
             path = trainer.finetune(volumeNode, segmentationNode, "self-test", config, onEvents=feed, modelsFolder=Path(folder))
             self.assertTrue(path.is_file())
-        self.assertGreaterEqual(len(curves.rows()), 2)
+            self.assertGreaterEqual(len(curves.rows()), 2)
+            node = HSAMSegmentLogic().segment(volumeNode, path, device="cpu")
+            self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 1)
+            self.delayDisplay("Suggesting slices")
+            suggestions = HSAMTrainingLogic().suggester.suggest(volumeNode, path, 2, segmentationNode, device="cpu")
+            self.assertEqual(len(suggestions.slices), 2)
+            self.assertFalse({3, 5} & set(suggestions.slices))
         self.delayDisplay("Test passed")

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam import checkpoint
+from hsam import sam_weights
 from hsam.build import build_hsam
 from hsam.bundle import BundleMetadata, read_bundle_metadata, save_bundle
 from hsam.cli import main
@@ -227,9 +227,12 @@ def test_finetune_saves_a_bundle_that_segments(files, tmp_path, capsys):
 
 def test_finetune_refuses_bad_labelmaps(files, tmp_path, capsys):
     output = tmp_path / "model.hsam"
-    far_origin = tuple(o + 500.0 for o in ORIGIN)  # a labelmap of another region: nothing to resample
+    far_origin = tuple(o + 500.0 for o in ORIGIN)  # a labelmap of another region
     other_grid = _write_image(tmp_path / "other_grid.nrrd", files["label_array"], origin=far_origin)
     code, _, err = run(["finetune", files["volume"], other_grid, "-o", output, "--epochs", "1"], capsys)
+    assert_one_line_error(code, err, "not on the volume's voxel grid")
+    code, _, err = run(["finetune", files["volume"], other_grid, "-o", output, "--epochs", "1", "--resample-labels"],
+                       capsys)
     assert_one_line_error(code, err, "does not overlap")
 
     empty = _write_image(tmp_path / "empty.nrrd", np.zeros_like(files["label_array"]))
@@ -284,9 +287,8 @@ def test_info_describes_a_bundle(files, capsys):
     for name, value, color in CLASSES:
         rgb = "#" + "".join(f"{round(255 * c):02x}" for c in color)
         assert any(name in line and str(value) in line and rgb in line for line in out.splitlines())
-    trainable, total = (sum(p.numel() for p in build_hsam("tiny", 2, 224).parameters() if p.requires_grad),
-                        sum(p.numel() for p in build_hsam("tiny", 2, 224).parameters()))
-    assert f"{total:,}" in out and f"{trainable:,}" in out
+    state = build_hsam("tiny", 2, 224).state_dict()
+    assert f"{sum(t.numel() for t in state.values()):,} values in {len(state)} tensors" in out
 
 
 def test_info_checks_sam_weights(tmp_path, capsys, monkeypatch):
@@ -296,8 +298,8 @@ def test_info_checks_sam_weights(tmp_path, capsys, monkeypatch):
     assert code == 0 and "not an official SAM checkpoint" in out
 
     monkeypatch.setitem(
-        checkpoint.SAM_CHECKPOINTS, "vit_b",
-        checkpoint.SamCheckpointInfo(weights.name, checkpoint.sha256_file(weights), weights.stat().st_size),
+        sam_weights.SAM_CHECKPOINTS, "vit_b",
+        sam_weights.SamCheckpointInfo(weights.name, sam_weights.sha256_file(weights), weights.stat().st_size),
     )
     code, out, _ = run(["info", weights], capsys)
     assert code == 0 and "vit_b" in out and "sha256 matches" in out
@@ -314,7 +316,7 @@ def test_download_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(checkpoint, "SAM_URL", f"http://127.0.0.1:{port}/")
+    monkeypatch.setattr(sam_weights, "SAM_URL", f"http://127.0.0.1:{port}/")
     code, _, err = run(["download", "vit_b", "--cache-dir", tmp_path], capsys)
     assert_one_line_error(code, err, "cannot reach")
     assert "--sam-checkpoint" in err and str(tmp_path) in err

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from hsam import checkpoint
-from hsam.checkpoint import SamCheckpointInfo
+from hsam import sam_weights
+from hsam.sam_weights import SamCheckpointInfo
 from hsam.download import download_sam_weights
 from hsam.errors import Cancelled, CheckpointError, HSAMError, InputError
 
@@ -59,9 +59,9 @@ def server(monkeypatch):
     httpd.requests, httpd.cut_after, httpd.honour_range = [], None, True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setattr(checkpoint, "SAM_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+    monkeypatch.setattr(sam_weights, "SAM_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
     info = SamCheckpointInfo(FILENAME, hashlib.sha256(PAYLOAD).hexdigest(), len(PAYLOAD))
-    monkeypatch.setitem(checkpoint.SAM_CHECKPOINTS, "test", info)
+    monkeypatch.setitem(sam_weights.SAM_CHECKPOINTS, "test", info)
     yield httpd
     httpd.shutdown()
     httpd.server_close()
@@ -106,7 +106,7 @@ def test_server_ignoring_the_range_restarts_from_zero(server, tmp_path):
 
 def test_checksum_mismatch_deletes_the_download(server, tmp_path, monkeypatch):
     wrong = SamCheckpointInfo(FILENAME, "0" * 64, len(PAYLOAD))
-    monkeypatch.setitem(checkpoint.SAM_CHECKPOINTS, "test", wrong)
+    monkeypatch.setitem(sam_weights.SAM_CHECKPOINTS, "test", wrong)
     with pytest.raises(CheckpointError, match="sha256"):
         download_sam_weights("test", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -133,14 +133,14 @@ def test_unreachable_server_says_what_to_do(tmp_path, monkeypatch):
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(checkpoint, "SAM_URL", f"http://127.0.0.1:{port}/")
+    monkeypatch.setattr(sam_weights, "SAM_URL", f"http://127.0.0.1:{port}/")
     with pytest.raises(HSAMError, match=r"cannot reach 127\.0\.0\.1: .*copy sam_vit_b_01ec64\.pth into .*--sam-checkpoint"):
         download_sam_weights("vit_b", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_http_error_and_unknown_name(server, tmp_path, monkeypatch):
-    monkeypatch.setitem(checkpoint.SAM_CHECKPOINTS, "test", SamCheckpointInfo("missing.pth", "0" * 64, 10))
+    monkeypatch.setitem(sam_weights.SAM_CHECKPOINTS, "test", SamCheckpointInfo("missing.pth", "0" * 64, 10))
     with pytest.raises(HSAMError, match="HTTP 404"):
         download_sam_weights("test", cache_dir=tmp_path)
     with pytest.raises(InputError, match="vit_b"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.errors import InputError
+from hsam.errors import HSAMWarning, InputError
 from hsam.io import (
     Segment,
     Volume,
@@ -168,9 +168,9 @@ def test_large_label_values_are_written_as_uint16(tmp_path):
     np.testing.assert_array_equal(read_labelmap(tmp_path / "labels.nrrd")[0], labels)
 
 
-def test_labelmap_with_other_grid_is_resampled_onto_the_volume(tmp_path):
+def test_labelmap_with_other_grid_is_resampled_onto_the_volume_only_when_asked(tmp_path):
     """A coarser labelmap (2× spacing, shifted by half a fine voxel) covering part of the volume
-    lands on the fine voxels whose centres fall inside its voxel."""
+    lands on the fine voxels whose centres fall inside its voxel; without ``resample`` it is refused."""
     volume = Volume(np.zeros((12, 12, 14), np.int16), (1.0, 1.0, 2.0), (5.0, -3.0, 7.0), ROTATION_Z)
     coarse = np.zeros((3, 4, 5), np.uint8)
     coarse[1, 2, 3] = 4  # (z, y, x)
@@ -180,15 +180,15 @@ def test_labelmap_with_other_grid_is_resampled_onto_the_volume(tmp_path):
     small = Volume(coarse, (2.0, 2.0, 4.0), tuple(origin), ROTATION_Z)
     write_labelmap(tmp_path / "coarse.nrrd", coarse, small)
 
-    labels, segments = read_labelmap(tmp_path / "coarse.nrrd", reference=volume)
+    labels, segments = read_labelmap(tmp_path / "coarse.nrrd", reference=volume, resample=True)
     # fine x maps to coarse (x − 2.5)/2, which rounds to 3 for x in {8, 9}; y → 2 and z → 1 likewise.
     expected = np.zeros(volume.array.shape, np.uint8)
     expected[8:10, 8:10, 8:10] = 4
     np.testing.assert_array_equal(labels, expected)
     assert [s.label_value for s in segments] == [4]
 
-    with pytest.raises(InputError, match="not on the volume's grid .*spacing"):
-        read_labelmap(tmp_path / "coarse.nrrd", reference=volume, resample=False)
+    with pytest.raises(InputError, match="not on the volume's voxel grid .*spacing"):
+        read_labelmap(tmp_path / "coarse.nrrd", reference=volume)
 
 
 def test_cropped_labelmap_on_the_same_lattice_is_pasted_exactly(tmp_path):
@@ -282,7 +282,7 @@ def test_segmentation_with_slicer(tmp_path, scene):
 
 def test_multi_layer_segmentation_is_merged(tmp_path):
     """A 4D .seg.nrrd (overlapping segments in two layers): later layers are drawn over earlier ones,
-    and segments sharing a label value across layers are renumbered."""
+    with a warning naming the overlap, and segments sharing a label value across layers are renumbered."""
     nrrd = pytest.importorskip("nrrd")
     layers = np.zeros((2, 8, 7, 6), np.uint8)  # pynrrd order: (layer, x, y, z)
     layers[0, 1:5, 1:5, 1:5] = 1  # "big"
@@ -300,7 +300,8 @@ def test_multi_layer_segmentation_is_merged(tmp_path):
         })
     nrrd.write(str(tmp_path / "layers.seg.nrrd"), layers, header)
 
-    labels, segments = read_labelmap(tmp_path / "layers.seg.nrrd")
+    with pytest.warns(HSAMWarning, match="'big' and 'small' overlap in 8 voxels"):
+        labels, segments = read_labelmap(tmp_path / "layers.seg.nrrd")
     assert [(s.name, s.label_value, s.color) for s in segments] == [
         ("big", 1, (1.0, 0.0, 0.0)), ("small", 2, (0.0, 0.0, 1.0))
     ]
@@ -332,9 +333,9 @@ def test_existing_file_needs_overwrite(tmp_path):
 
 def test_missing_or_unwritable_folder(tmp_path):
     volume, labels = make_volume(), make_labels()
-    with pytest.raises(InputError, match="folder not found"):
+    with pytest.raises(InputError, match="does not exist"):
         write_labelmap(tmp_path / "missing" / "labels.nrrd", labels, volume)
-    with pytest.raises(InputError, match="folder not found"):
+    with pytest.raises(InputError, match="does not exist"):
         write_segmentation(tmp_path / "missing" / "labels.seg.nrrd", labels, volume, SEGMENTS)
     with pytest.raises(InputError, match="must end with"):
         write_labelmap(tmp_path / "labels.png", labels, volume)

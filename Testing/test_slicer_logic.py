@@ -481,3 +481,24 @@ def test_finetune_refuses_segments_without_annotation(volume_node, labels_and_se
     node = mrml.labels_to_segmentation(labels, segments, volume_node)  # spleen is empty
     with pytest.raises(InputError, match="spleen"):
         HSAMTrainingLogic().prepare(volume_node, node)
+
+
+def test_training_pairs_follow_the_scene(scene, volume_node, labels_and_segments):
+    from HSAMLib.training_logic import TrainingPairs
+
+    labels, segments = labels_and_segments
+    first = mrml.labels_to_segmentation(labels, segments[:2], volume_node)
+    other_volume = add_volume(scene, np.zeros(SHAPE, np.int16), np.eye(4), name="CT 2")
+    second = mrml.labels_to_segmentation(labels, segments[:2], other_volume)
+    pairs = TrainingPairs()
+    pairs.add(volume_node, first)
+    pairs.add(other_volume, second)
+    pairs.add(other_volume, second)  # listed once
+    assert pairs.names(scene) == [f"CT — {first.GetName()}", f"CT 2 — {second.GetName()}"]
+    assert pairs.cohort(scene, volume_node, first) == [(volume_node, first), (other_volume, second)]
+    scene.RemoveNode(second)
+    assert pairs.nodes(scene) == [(volume_node, first)]
+    pairs.remove(0)
+    assert pairs.cohort(scene, other_volume, first) == [(other_volume, first)]
+    with pytest.raises(InputError, match="select a volume"):
+        pairs.add(None, first)

@@ -5,7 +5,6 @@ origin and a row-major direction matrix). Conversions happen here and nowhere el
 and numpy are used, so everything runs against a bare ``vtkMRMLScene``.
 """
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ import vtk
 from vtk.util import numpy_support
 
 from hsam.errors import InputError
+from hsam.files import write_atomic
 from hsam.io import Segment, Volume
-from hsam.axes import SLICE_AXES
+from hsam.presets import SLICE_AXES
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # Label value a segment had in the engine's labelmap; kept so that exported labelmaps reuse it.
@@ -295,21 +295,16 @@ def safe_file_stem(name: str) -> str:
     return cleaned or "segmentation"
 
 
-def _temporary_path(path: Path, suffix: str) -> Path:
-    return path.with_name(f".{path.name}.tmp{suffix}")
+def _write_atomically(storageNode, node, path: Path) -> Path:
+    """Write ``node`` with ``storageNode`` through ``hsam.files.write_atomic`` (complete or nothing,
+    the umask's mode, a recognisable temporary), replacing an existing file."""
 
-
-def _write_atomically(storageNode, node, path: Path, suffix: str) -> Path:
-    if not path.parent.is_dir():
-        raise InputError(f"folder {path.parent} does not exist")
-    tmp = _temporary_path(path, suffix)
-    storageNode.SetFileName(str(tmp))
-    try:
+    def write(temporary: Path) -> None:
+        storageNode.SetFileName(str(temporary))
         if not storageNode.WriteData(node):
-            raise InputError(f"cannot write {path}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise OSError("the storage node could not write it")
+
+    write_atomic(path, write, overwrite=True)
     return path
 
 
@@ -319,7 +314,7 @@ def export_segmentation(segmentationNode, path) -> Path:
     if not path.name.endswith(".seg.nrrd"):
         raise InputError(f"{path.name}: a segmentation file must end with .seg.nrrd")
     storageNode = segmentationNode.CreateDefaultStorageNode()
-    return _write_atomically(storageNode, segmentationNode, path, ".seg.nrrd")
+    return _write_atomically(storageNode, segmentationNode, path)
 
 
 def export_labelmap(segmentationNode, referenceVolumeNode, path) -> Path:
@@ -342,4 +337,4 @@ def export_labelmap(segmentationNode, referenceVolumeNode, path) -> Path:
         _set_ijk_to_ras(labelmapNode, ijk_to_ras(referenceVolumeNode))
         storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storageNode.SetUseCompression(True)
-        return _write_atomically(storageNode, labelmapNode, path, ".nrrd")
+        return _write_atomically(storageNode, labelmapNode, path)

@@ -1,18 +1,21 @@
-"""Few-shot fine-tuning from MRML nodes: a volume and a segmentation with a few annotated slices.
+"""Few-shot fine-tuning from MRML nodes: one or more (volume, segmentation) pairs with a few annotated
+slices each.
 
 Training runs in a worker process (``hsam finetune``): ``prepare`` reads the scene (main thread),
-``startFinetune`` writes the volume and the annotations into the job's folder and starts the worker,
+``startFinetune`` writes each volume and its annotations into the job's folder, with a manifest of the
+pairs and their annotated slices, and starts the worker,
 ``saveModel`` moves the finished bundle into the models folder. ``finetune()`` does all of it and
 waits. This process never imports torch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,8 +28,9 @@ from .worker import WorkerJob
 
 TINY_PRESET = "tiny"
 SAM_PREFIX = "sam:"
-VOLUME_FILE = "volume.nrrd"
-ANNOTATIONS_FILE = "annotations.seg.nrrd"
+VOLUME_FILE = "volume-{}.nrrd"
+ANNOTATIONS_FILE = "annotations-{}.seg.nrrd"
+MANIFEST_FILE = "cases.json"
 MODEL_FILE = "model.hsam"
 
 
@@ -38,6 +42,7 @@ class TrainingData:
     labels: np.ndarray  # (z, y, x), label i+1 = segments[i]
     segments: list[Segment]
     annotated: mrml.AnnotatedSlices
+    name: str = ""
 
 
 def base_model_arguments(baseModel: str) -> list[str]:
@@ -98,6 +103,39 @@ def move_into_folder(source: Path, target: Path) -> Path:
     return target
 
 
+class TrainingPairs:
+    """The (volume, segmentation) pairs a model trains on besides the panel's current one, kept as node
+    IDs so that a pair whose node was deleted drops out."""
+
+    def __init__(self) -> None:
+        self.ids: list[tuple[str, str]] = []
+
+    def add(self, volumeNode, segmentationNode) -> None:
+        """Add a pair (a pair already listed is not added twice)."""
+        if volumeNode is None or segmentationNode is None:
+            raise InputError("select a volume and its segmentation to add them as a training pair")
+        pair = (volumeNode.GetID(), segmentationNode.GetID())
+        if pair not in self.ids:
+            self.ids.append(pair)
+
+    def remove(self, index: int) -> None:
+        if 0 <= index < len(self.ids):
+            del self.ids[index]
+
+    def nodes(self, scene) -> list[tuple]:
+        """The listed pairs still in ``scene``, as (volume node, segmentation node)."""
+        pairs = [(scene.GetNodeByID(v), scene.GetNodeByID(s)) for v, s in self.ids]
+        return [(v, s) for v, s in pairs if v is not None and s is not None]
+
+    def cohort(self, scene, volumeNode, segmentationNode) -> list[tuple]:
+        """The current pair first, then the listed ones (without repeating the current pair)."""
+        current = (volumeNode, segmentationNode)
+        return [current] + [pair for pair in self.nodes(scene) if pair != current]
+
+    def names(self, scene) -> list[str]:
+        return [f"{v.GetName()} — {s.GetName()}" for v, s in self.nodes(scene)]
+
+
 class HSAMTrainingLogic:
     """Segmentation node with a few annotated slices → fine-tuned HSAM bundle in the models folder."""
 
@@ -123,23 +161,52 @@ class HSAMTrainingLogic:
             raise InputError(f"segmentation '{segmentationNode.GetName()}' has no annotated {axis} slice")
         if annotated.missing:
             raise InputError(f"segments without any annotated slice: {', '.join(annotated.missing)}")
-        return TrainingData(volume, labels, segments, annotated)
+        return TrainingData(volume, labels, segments, annotated, volumeNode.GetName())
 
-    def startFinetune(self, data: TrainingData, config: TrainingOptions) -> WorkerJob:
-        """Start fine-tuning on the annotated slices of ``data`` in a worker process."""
+    def prepareCohort(self, pairs: Sequence[tuple], axis: str = "axial") -> list[TrainingData]:
+        """``prepare`` for several (volume node, segmentation node) pairs. Each pair needs an annotated
+        slice; a segment may be missing from some pairs (classes are matched by name across pairs)
+        but not from all."""
+        if not pairs:
+            raise InputError("add at least one (volume, segmentation) pair to train on")
+        cohort = []
+        for volumeNode, segmentationNode in pairs:
+            volume = mrml.volume_from_node(volumeNode)
+            labels, segments = mrml.labels_from_segmentation(segmentationNode, volumeNode)
+            annotated = mrml.count_annotated_slices(labels, segments, axis)
+            if not annotated.slices:
+                raise InputError(f"segmentation '{segmentationNode.GetName()}' has no annotated {axis} slice")
+            cohort.append(TrainingData(volume, labels, segments, annotated, volumeNode.GetName()))
+        annotatedSomewhere = {s.name.strip().casefold() for d in cohort for s in d.segments if s.name not in d.annotated.missing}
+        missing = sorted({s.name for d in cohort for s in d.segments if s.name.strip().casefold() not in annotatedSomewhere})
+        if missing:
+            raise InputError(f"segments without any annotated slice: {', '.join(missing)}")
+        return cohort
+
+    def startFinetune(self, data: Union[TrainingData, Sequence[TrainingData]], config: TrainingOptions) -> WorkerJob:
+        """Start fine-tuning on the annotated slices of ``data`` (one pair or a cohort) in a worker process."""
+        cohort = [data] if isinstance(data, TrainingData) else list(data)
         arguments = config.arguments()
         job = WorkerJob(self.python, "hsam-finetune")
         try:
-            write_volume(job.folder / VOLUME_FILE, data.volume)
-            write_segmentation(job.folder / ANNOTATIONS_FILE, data.labels, data.volume, data.segments)
+            manifest = [self._writeCase(job.folder, index, case) for index, case in enumerate(cohort)]
+            (job.folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         except BaseException:
             job.cleanup()
             raise
-        slices = ",".join(str(i) for i in data.annotated.slices)
         return job.start([
-            "finetune", job.folder / VOLUME_FILE, job.folder / ANNOTATIONS_FILE, "--output", job.folder / MODEL_FILE,
-            "--slices", slices, *arguments, "--axis", data.annotated.axis, "--progress", "json",
+            "finetune", "--manifest", job.folder / MANIFEST_FILE, "--output", job.folder / MODEL_FILE,
+            *arguments, "--axis", cohort[0].annotated.axis, "--progress", "json",
         ])
+
+    @staticmethod
+    def _writeCase(folder: Path, index: int, case: TrainingData) -> dict:
+        """Write one pair into the job's folder; its manifest entry."""
+        volumeFile, annotationsFile = VOLUME_FILE.format(index), ANNOTATIONS_FILE.format(index)
+        write_volume(folder / volumeFile, case.volume)
+        write_segmentation(folder / annotationsFile, case.labels, case.volume, case.segments)
+        return {"image": volumeFile, "labels": annotationsFile, "slices": case.annotated.slices,
+                "name": case.name or volumeFile}
 
     def saveModel(self, job: WorkerJob, outputName: str, modelsFolder: Optional[Path] = None) -> Path:
         """Move a finished job's bundle into the models folder, named after ``outputName`` (made unique);
@@ -162,5 +229,19 @@ class HSAMTrainingLogic:
         """Fine-tune a model on the annotated slices of ``segmentationNode`` and wait; returns the bundle path."""
         data = self.prepare(volumeNode, segmentationNode, config.sliceAxis)
         job = self.startFinetune(data, config)
+        job.wait(on_events=onEvents)
+        return self.saveModel(job, outputName, modelsFolder)
+
+    def finetuneCohort(
+        self,
+        pairs: Sequence[tuple],
+        outputName: str,
+        config: TrainingOptions,
+        onEvents: Optional[OnEvents] = None,
+        modelsFolder: Optional[Path] = None,
+    ) -> Path:
+        """Fine-tune one model on the annotated slices of several (volume node, segmentation node) pairs
+        and wait; returns the bundle path."""
+        job = self.startFinetune(self.prepareCohort(pairs, config.sliceAxis), config)
         job.wait(on_events=onEvents)
         return self.saveModel(job, outputName, modelsFolder)

@@ -6,7 +6,7 @@ API below is imported on first use.
 
 from importlib import import_module
 
-from .errors import Cancelled, CheckpointError, HSAMError, InputError
+from .errors import Cancelled, CheckpointError, HSAMError, HSAMWarning, InputError
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ _LAZY = {
     "save_bundle": "hsam.bundle",
 }
 
-__all__ = ["Cancelled", "CheckpointError", "HSAMError", "InputError", "__version__", *_LAZY]
+__all__ = ["Cancelled", "CheckpointError", "HSAMError", "HSAMWarning", "InputError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -3,29 +3,50 @@
 Loading never unpickles. When the model was fine-tuned from official SAM weights the frozen image
 encoder is not stored (a few MB instead of hundreds); it is rebuilt from those weights, identified by
 name and sha256. A model trained from scratch (the ``tiny`` preset) stores every tensor.
+
+A bundle is checked before anything is built, without torch: the safetensors header must fit the
+file, the metadata must pass ``validate_metadata`` (types, ranges, known values); then the stored
+tensor shapes are compared with those of the model the metadata describes, built on torch's ``meta``
+device (no memory), before the model is allocated.
 """
 
+from __future__ import annotations
+
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from . import __version__
-from .build import PRESETS, build_hsam
-from .checkpoint import SAM_CHECKPOINTS, default_cache_dir, load_sam_weights
-from .errors import CheckpointError, InputError
-from .io import write_atomic
-from .modeling.hsam import HSAM
+from .errors import CheckpointError, InputError, printable
+from .files import Outputs, check_writable, write_bytes_atomic
+from .presets import (
+    CMATTN_MODES,
+    INTENSITY_MODES,
+    MAX_CLASSES,
+    MAX_LABEL_VALUE,
+    MAX_LORA_RANK,
+    PRESETS,
+    SLICE_AXES,
+    SUPPORTED_IMG_SIZES,
+)
+from .safetensors_header import SafetensorsHeader, read_header
+from .sam_weights import SAM_CHECKPOINTS, cached_sha256, default_cache_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from .modeling.hsam import HSAM
 
 PathLike = Union[str, os.PathLike]
 BUNDLE_SUFFIX = ".hsam"
 FORMAT_VERSION = 1
 METADATA_KEY = "hsam"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+MAX_NAME_LENGTH = 1000
 
 # Distinct colours (RGB 0–1) for classes without a colour of their own.
 DEFAULT_COLORS = [
@@ -50,7 +71,6 @@ class BundleMetadata:
     label_values: list[int]
     preprocessing: dict
     slice_axis: str = "axial"
-    slice_context: int = 0
     terminology: list[Optional[str]] = field(default_factory=list)
     cmattn: str = "reference"
     lora_rank: int = 5
@@ -72,9 +92,102 @@ class BundleMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> "BundleMetadata":
-        data = json.loads(text)
+        """Parse and check (``validate_metadata``) the JSON; ``ValueError`` naming the first problem."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("it is nested too deeply") from None
+        validate_metadata(data)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ------------------------------------------------------------------------------ metadata schema
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_pair(value: object) -> bool:
+    """Two finite numbers, the first smaller."""
+    return isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)) and value[0] < value[1]
+
+
+def _is_color(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is_number(c) and 0 <= c <= 1 for c in value)
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ValueError(problem)
+
+
+def _check_items(data: dict, key: str, count: int, valid: Callable[[object], bool], what: str) -> None:
+    items = data[key]
+    _require(isinstance(items, list) and len(items) == count, f"{key} must be a list of {count}")
+    bad = next((item for item in items if not valid(item)), None)
+    _require(bad is None, f"{key} holds {printable(json.dumps(bad), 60)}, not {what}")
+
+
+def _check_preprocessing(value: object) -> None:
+    _require(isinstance(value, dict), "preprocessing must be an object")
+    _require(value.get("mode") in INTENSITY_MODES, f"preprocessing mode must be one of {', '.join(INTENSITY_MODES)}")
+    extra = set(value) - {"mode", "window", "percentiles"}
+    _require(not extra, f"preprocessing has unknown fields {printable(sorted(extra), 60)}")
+    for key in ("window", "percentiles"):
+        _require(key not in value or _is_pair(value[key]), f"preprocessing {key} must be two increasing numbers")
+
+
+def _check_base_checkpoint(value: object) -> None:
+    if value is None:
+        return
+    _require(
+        isinstance(value, dict) and isinstance(value.get("name"), str)
+        and isinstance(value.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", value["sha256"]) is not None,
+        "base_checkpoint must hold a name and a sha256",
+    )
+
+
+REQUIRED_FIELDS = ("preset", "img_size", "num_classes", "class_names", "class_colors", "label_values", "preprocessing")
+
+
+def validate_metadata(data: object) -> None:
+    """Check bundle metadata parsed from JSON field by field (unknown fields are ignored, for newer
+    bundles); ``ValueError`` naming the first problem."""
+    _require(isinstance(data, dict), "it is not a JSON object")
+    missing = [key for key in REQUIRED_FIELDS if key not in data]
+    _require(not missing, f"{', '.join(missing)} missing")
+    _require(_is_int(data.get("format_version", FORMAT_VERSION)) and 1 <= data.get("format_version", 1) <= FORMAT_VERSION,
+             f"format_version {printable(data.get('format_version'), 20)} is not one this HSAM {__version__} reads")
+    _require(data["preset"] in PRESETS, f"preset must be one of {', '.join(PRESETS)}")
+    _require(data["img_size"] in SUPPORTED_IMG_SIZES and _is_int(data["img_size"]),
+             f"img_size must be one of {', '.join(map(str, SUPPORTED_IMG_SIZES))}")
+    n = data["num_classes"]
+    _require(_is_int(n) and 1 <= n <= MAX_CLASSES, f"num_classes must be an integer from 1 to {MAX_CLASSES}")
+    _check_items(data, "class_names", n, lambda v: isinstance(v, str) and 0 < len(v) <= MAX_NAME_LENGTH,
+                 f"a name of 1–{MAX_NAME_LENGTH} characters")
+    _check_items(data, "class_colors", n, _is_color, "three numbers from 0 to 1")
+    _check_items(data, "label_values", n, lambda v: _is_int(v) and 1 <= v <= MAX_LABEL_VALUE,
+                 f"an integer from 1 to {MAX_LABEL_VALUE}")
+    _require(len(set(data["label_values"])) == n, "label_values repeat a value")
+    if data.get("terminology"):
+        _check_items(data, "terminology", n, lambda v: v is None or isinstance(v, str), "a string or null")
+    _check_preprocessing(data["preprocessing"])
+    _require(data.get("slice_axis", "axial") in SLICE_AXES, f"slice_axis must be one of {', '.join(SLICE_AXES)}")
+    _require(data.get("cmattn", "reference") in CMATTN_MODES, f"cmattn must be one of {', '.join(CMATTN_MODES)}")
+    rank = data.get("lora_rank", 5)
+    _require(_is_int(rank) and 1 <= rank <= MAX_LORA_RANK, f"lora_rank must be an integer from 1 to {MAX_LORA_RANK}")
+    _check_base_checkpoint(data.get("base_checkpoint"))
+    _require(isinstance(data.get("training", {}), dict), "training must be an object")
+    _require(isinstance(data.get("hsam_version", ""), str), "hsam_version must be a string")
+
+
+# ----------------------------------------------------------------------------------- the file
 
 
 def _stored_state(model: HSAM, full: bool) -> dict[str, torch.Tensor]:
@@ -84,13 +197,18 @@ def _stored_state(model: HSAM, full: bool) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("image_encoder.") or ".qkv.a_" in k or ".qkv.b_" in k}
 
 
-def save_bundle(path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite: bool = False) -> Path:
-    """Write the bundle atomically (temporary file, then rename). Returns the path."""
+def save_bundle(
+    path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite: bool = False, outputs: Optional[Outputs] = None
+) -> Path:
+    """Write the bundle atomically (``hsam.files``; staged in ``outputs`` if given). Returns the path."""
+    from safetensors.torch import save
+
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; choose another name or allow overwriting")
-    if not path.parent.is_dir():
-        raise InputError(f"folder {path.parent} does not exist")
+    check_writable(path, overwrite or outputs is not None and outputs.overwrite)
+    try:
+        validate_metadata(json.loads(metadata.to_json()))
+    except ValueError as e:
+        raise InputError(f"cannot save {path.name}: its metadata would be invalid ({e})") from None
     merged = [a for a in model.lora_adapters() if a.merged]
     for adapter in merged:
         adapter.unmerge()
@@ -100,30 +218,33 @@ def save_bundle(path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite
     finally:
         for adapter in merged:
             adapter.merge()
-    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
+    write_bytes_atomic(path, payload, overwrite, outputs)
     return path
 
 
-def read_bundle_metadata(path: PathLike) -> BundleMetadata:
-    """The bundle's metadata, without reading its tensors."""
+def read_bundle(path: PathLike) -> tuple[SafetensorsHeader, BundleMetadata]:
+    """The bundle's safetensors header and checked metadata, without torch and without reading tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is not an HSAM model or is truncated ({e})") from e
+    header = read_header(path)
+    raw = header.metadata.get(METADATA_KEY)
     if raw is None:
         raise CheckpointError(f"{path.name} is a safetensors file without HSAM metadata")
     try:
-        return BundleMetadata.from_json(raw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path.name} has unreadable HSAM metadata ({e})") from e
+        return header, BundleMetadata.from_json(raw)
+    except (ValueError, TypeError, InputError) as e:
+        raise CheckpointError(f"{path.name} has invalid HSAM metadata: {e}") from None
+
+
+def read_bundle_metadata(path: PathLike) -> BundleMetadata:
+    """The bundle's checked metadata (see ``read_bundle``)."""
+    return read_bundle(path)[1]
 
 
 def find_sam_checkpoint(preset: str, explicit: Optional[PathLike] = None) -> Path:
-    """The official SAM file for a preset: the given path, else the download cache."""
+    """The official SAM file for a preset: the given path, else the download cache; its size and
+    sha256 are checked (the sha256 once per file, see ``hsam.sam_weights.cached_sha256``)."""
+    if preset not in SAM_CHECKPOINTS:
+        raise CheckpointError(f"this model says it was fine-tuned from SAM weights, but the {preset} preset has none")
     info = SAM_CHECKPOINTS[preset]
     path = Path(explicit) if explicit else default_cache_dir() / info.filename
     if not path.is_file():
@@ -133,7 +254,32 @@ def find_sam_checkpoint(preset: str, explicit: Optional[PathLike] = None) -> Pat
         )
     if path.stat().st_size != info.size:
         raise CheckpointError(f"{path} is not the official {info.filename} (size {path.stat().st_size} != {info.size})")
+    if cached_sha256(path) != info.sha256:
+        raise CheckpointError(f"{path} is not the official {info.filename} (its sha256 differs): download it again")
     return path
+
+
+def check_stored_tensors(header: SafetensorsHeader, metadata: BundleMetadata, name: str) -> None:
+    """Compare the tensors a bundle stores with those of the model its metadata describes, built on
+    torch's ``meta`` device (shapes only, no memory)."""
+    import torch
+
+    from .build import build_hsam
+
+    with torch.device("meta"):
+        skeleton = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank)
+    expected = {k: tuple(v.shape) for k, v in _stored_state(skeleton, full=metadata.base_checkpoint is None).items()}
+    stored = {k: t.shape for k, t in header.tensors.items()}
+    missing = sorted(set(expected) - set(stored))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    unexpected = sorted(set(stored) - set(expected))
+    not_float = sorted(k for k, t in header.tensors.items() if t.dtype not in FLOAT_DTYPES)
+    if missing or wrong or unexpected or not_float:
+        example = printable((missing or wrong or unexpected or not_float)[0], 100)
+        raise CheckpointError(
+            f"{name}: its weights do not fit a {metadata.preset} model with {metadata.num_classes} "
+            f"classes at {metadata.img_size}px (e.g. {example})"
+        )
 
 
 def load_bundle(
@@ -144,33 +290,28 @@ def load_bundle(
     expected_num_classes: Optional[int] = None,
 ) -> tuple[HSAM, BundleMetadata]:
     """Rebuild the model of a bundle (eval mode). Clear errors for a truncated file, a bundle whose
-    tensors do not fit its metadata, or one made for another preset / class count than expected."""
-    metadata = read_bundle_metadata(path)
-    if metadata.preset not in PRESETS:
-        raise CheckpointError(f"{Path(path).name} needs preset {metadata.preset!r}, unknown to HSAM {__version__}")
+    tensors do not fit its metadata, or one made for another preset / class count than expected;
+    all checked before the model is allocated."""
+    from safetensors import SafetensorError, safe_open
+
+    from .build import build_hsam
+    from .checkpoint import load_sam_weights
+
+    name = Path(path).name
+    header, metadata = read_bundle(path)
     if expected_preset and metadata.preset != expected_preset:
-        raise CheckpointError(f"{Path(path).name} is a {metadata.preset} model, not {expected_preset}")
+        raise CheckpointError(f"{name} is a {metadata.preset} model, not {expected_preset}")
     if expected_num_classes and metadata.num_classes != expected_num_classes:
-        raise CheckpointError(
-            f"{Path(path).name} segments {metadata.num_classes} classes, not {expected_num_classes}"
-        )
+        raise CheckpointError(f"{name} segments {metadata.num_classes} classes, not {expected_num_classes}")
+    check_stored_tensors(header, metadata, name)
+    sam_weights = find_sam_checkpoint(metadata.preset, sam_checkpoint) if metadata.base_checkpoint else None
     model = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank)
-    if metadata.base_checkpoint is not None:
-        load_sam_weights(model, find_sam_checkpoint(metadata.preset, sam_checkpoint), metadata.preset)
+    if sam_weights is not None:
+        load_sam_weights(model, sam_weights, metadata.preset)
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{Path(path).name} is truncated or corrupt ({e})") from e
-    expected = _stored_state(model, full=metadata.base_checkpoint is None)
-    missing = sorted(set(expected) - set(stored))
-    wrong = sorted(k for k in set(expected) & set(stored) if expected[k].shape != stored[k].shape)
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or wrong or unexpected:
-        example = (missing or wrong or unexpected)[0]
-        raise CheckpointError(
-            f"{Path(path).name}: its weights do not fit a {metadata.preset} model with {metadata.num_classes} "
-            f"classes at {metadata.img_size}px (e.g. {example})"
-        )
+        raise CheckpointError(f"{name} is truncated or corrupt ({e})") from None
     model.load_state_dict(stored, strict=False)
     return model.to(map_location).eval(), metadata

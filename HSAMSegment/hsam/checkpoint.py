@@ -1,15 +1,14 @@
-"""Checkpoints: official SAM weights, the authors' H-SAM state dicts and released checkpoints.
+"""Checkpoints: official SAM weights (registry in ``hsam.sam_weights``), the authors' H-SAM state
+dicts and released checkpoints.
 
 Every file is read with ``torch.load(weights_only=True)``: tensors only, never pickled code.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -18,57 +17,11 @@ import torch.nn.functional as F
 
 from .build import PRESETS, Preset, build_hsam
 from .errors import CheckpointError
+from .files import error_reason
 from .modeling.hsam import HSAM
+from .sam_weights import SAM_CHECKPOINTS, default_cache_dir  # noqa: F401 (also offered here, as before)
 
 PathLike = Union[str, os.PathLike]
-SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-
-
-@dataclass(frozen=True)
-class SamCheckpointInfo:
-    filename: str
-    sha256: str
-    size: int
-
-    @property
-    def url(self) -> str:
-        return SAM_URL + self.filename
-
-
-SAM_CHECKPOINTS: dict[str, SamCheckpointInfo] = {
-    "vit_b": SamCheckpointInfo(
-        "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375042383
-    ),
-    "vit_l": SamCheckpointInfo(
-        "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1249524607
-    ),
-    "vit_h": SamCheckpointInfo(
-        "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2564550879
-    ),
-}
-
-
-def default_cache_dir() -> Path:
-    """Where downloaded SAM weights live: $HSAM_HOME/checkpoints, else ~/.cache/hsam/checkpoints."""
-    home = os.environ.get("HSAM_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "hsam") / "checkpoints"
-
-
-def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def identify_sam_checkpoint(path: PathLike) -> str | None:
-    """The SAM preset whose official file this is (size, then sha256), or None."""
-    size = Path(path).stat().st_size
-    for name, info in SAM_CHECKPOINTS.items():
-        if size == info.size and sha256_file(path) == info.sha256:
-            return name
-    return None
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -78,10 +31,10 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path.name} was refused: it holds pickled code or objects, not only tensors ({e})") from e
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path.name} was refused: it holds pickled code or objects, not only tensors") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({e})") from e
+        raise CheckpointError(f"{path.name} is truncated or not a PyTorch checkpoint ({error_reason(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path.name} is not a plain dict of tensors")
     return state

@@ -1,55 +1,68 @@
 """The ``hsam`` command line: segment, fine-tune, evaluate, inspect models, download SAM weights, demo.
 
 Exit status: 0 on success, 2 for bad input or an impossible request (one ``hsam: error: ...`` line),
-130 when interrupted with Ctrl-C. Heavy modules (torch) are imported by the commands, so ``--help``
-is instant. ``segment``, ``finetune`` and ``download`` take ``--progress json`` for programs that
-follow them (``hsam.progress``: one JSON object per line on stdout).
+1 for an internal error (one line; ``hsam --debug ...`` shows the traceback), 130 when interrupted
+with Ctrl-C. Arguments, paths and model files are checked before torch is imported, so ``--help``,
+``info`` and bad input answer at once. Warnings from HSAM are one ``hsam: warning: ...`` line each;
+other libraries' warnings are not shown.
+``segment``, ``finetune`` and ``download`` take ``--progress json`` for programs that follow them
+(``hsam.progress``: one JSON object per line on stdout).
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from . import __version__
-from .errors import HSAMError, InputError
-from .io import write_atomic
+from .errors import HSAMError, HSAMWarning, InputError, printable
+from .files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
 from .progress import JsonProgress
+
+if TYPE_CHECKING:
+    from .bundle import BundleMetadata
+    from .inference import SegmentationResult
+    from .io import Volume
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 PROBABILITY_SUFFIXES = (".npy", ".nrrd", ".nii.gz", ".nii", ".mha")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EXIT_INTERNAL_ERROR = 1
 EMULATED_PRECISION_NOTE = (
     "; on a CPU without native kernels for it (e.g. AVX2-only, no AVX-512) bf16 or fp16 stops with an error "
     "instead of running hundreds of times slower than fp32"
 )
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other tools in a pipeline
 
 
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _suffix(path: Path, allowed: Sequence[str]) -> Optional[str]:
-    name = path.name.lower()
-    return next((s for s in allowed if name.endswith(s)), None)
-
-
 def _check_output(path: Path, overwrite: bool, allowed: Sequence[str], what: str) -> None:
-    """Fail before any work when ``path`` cannot be written."""
-    if _suffix(path, allowed) is None:
-        raise InputError(f"{what} {path.name} must end with {', '.join(allowed)}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"folder {folder} is not writable")
+    """Fail before any work when ``path`` has the wrong suffix or cannot be written."""
+    if not path.name.lower().endswith(tuple(allowed)):
+        raise InputError(f"{what} {printable(path.name)} must end with {', '.join(allowed)}")
+    check_writable(path, overwrite)
+
+
+def _check_input(path: Optional[str], what: str) -> None:
+    """Fail before any work when the file or folder ``path`` (if given) cannot be read."""
+    if path is None:
+        return
+    if not Path(path).exists():
+        raise InputError(f"{what} not found: {printable(path)}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {printable(path)} is not readable (permission denied)")
 
 
 class _ProgressBar:
@@ -124,43 +137,38 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle
-    from .inference import describe_device, resolve_precision, segment_volume, select_device
-    from .io import Segment, read_volume, write_labelmap, write_segmentation
-
     output = Path(args.output)
+    probabilities = Path(args.probabilities) if args.probabilities is not None else None
     _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
-    if args.probabilities is not None:
-        _check_output(Path(args.probabilities), args.overwrite, PROBABILITY_SUFFIXES, "probability file")
-    device = select_device(args.device)
-    resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
-    bar = _progress(args, f"segmenting on {device.type}", "load")
-    bar.start("load", f"loading {Path(args.volume).name} and {Path(args.model).name}")
-    volume = read_volume(args.volume)
-    model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
-    started = time.monotonic()
-    with bar:
-        bar.start("segment", f"segmenting on {device.type}")
-        result = segment_volume(
-            model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
-            slice_range=args.slices, progress=bar, return_probabilities=args.probabilities is not None,
-            largest_component=args.largest_component,
-        )
+    if probabilities is not None:
+        _check_output(probabilities, args.overwrite, PROBABILITY_SUFFIXES, "probability file")
+    uncertainty = Path(args.uncertainty) if args.uncertainty is not None else None
+    if uncertainty is not None:
+        _check_uncertainty_output(uncertainty, args.overwrite)
+    for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
+        _check_input(path, what)
+    check_distinct([output, probabilities, *_uncertainty_files(uncertainty)], [args.volume, args.model, args.sam_checkpoint])
+    # the labels and the probabilities, or neither
+    with Outputs(args.overwrite) as outputs, _progress(args, "segmenting", "load") as bar:
+        outputs.claim([output, probabilities, *_uncertainty_files(uncertainty)])
+        volume, metadata, result, summary = _segment_volume(args, probabilities is not None, bar)
+        from .io import Segment, write_output
+
         bar.start("write", f"writing {output.name}")
-    if _suffix(output, (SEGMENTATION_SUFFIX,)):
         segments = [
             Segment(name, int(value), tuple(color), term)
             for name, value, color, term in zip(
                 metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
             )
         ]
-        write_segmentation(output, result.labels, volume, segments, overwrite=args.overwrite)
-    else:
-        write_labelmap(output, result.labels, volume, overwrite=args.overwrite)
-    if args.probabilities is not None:
-        _write_probabilities(Path(args.probabilities), result.probabilities, volume)
-    summary = (f"{Path(args.model).name} ({metadata.preset}; {', '.join(metadata.class_names)}) in "
-               f"{time.monotonic() - started:.1f} s on {describe_device(device)}")
+        write_output(output, result.labels, volume, segments, outputs=outputs)
+        if probabilities is not None:
+            _write_probabilities(probabilities, result.probabilities, volume, outputs)
+        if uncertainty is not None:
+            from .uncertainty import write_uncertainty
+
+            write_uncertainty(uncertainty, result.uncertainty, result.slice_scores, volume, metadata.slice_axis, outputs)
+        outputs.publish()
     if isinstance(bar, JsonProgress):
         bar.result(summary, output=output, probabilities=args.probabilities)
         return
@@ -168,48 +176,148 @@ def _segment(args: argparse.Namespace) -> None:
     print(output)
 
 
-def _write_probabilities(path: Path, probabilities, volume) -> None:
+def _segment_volume(
+    args: argparse.Namespace, probabilities: bool, bar
+) -> tuple[Volume, BundleMetadata, SegmentationResult, str]:
+    """Check the model file, read the volume, then check the precision, load the model and segment:
+    (volume, metadata, SegmentationResult, a summary line)."""
+    from .bundle import read_bundle_metadata
+    from .io import read_volume
+
+    read_bundle_metadata(args.model)  # a bad model file is refused before the volume is read
+    bar.start("load", f"loading {Path(args.volume).name} and {Path(args.model).name}")
+    volume = read_volume(args.volume, series=args.series)
+
+    from .bundle import load_bundle
+    from .inference import describe_device, resolve_precision, segment_volume, select_device
+
+    device = select_device(args.device)
+    resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
+    model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
+    started = time.monotonic()
+    bar.start("segment", f"segmenting on {device.type}")
+    result = segment_volume(
+        model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
+        slice_range=args.slices, progress=bar, return_probabilities=probabilities,
+        largest_component=args.largest_component,
+        uncertainty=args.uncertainty_signal if args.uncertainty is not None else None,
+    )
+    summary = (f"{Path(args.model).name} ({metadata.preset}; {printable(', '.join(metadata.class_names))}) in "
+               f"{time.monotonic() - started:.1f} s on {describe_device(device)}")
+    return volume, metadata, result, summary
+
+
+def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) -> None:
     """``.npy``: float16 (C+1, z, y, x); an image format: a float32 vector image on the volume's grid,
     one component per class (background first)."""
     import numpy as np
 
-    def write(temporary: Path) -> None:  # the temporary name keeps the suffix: SimpleITK picks the format
-        if path.name.lower().endswith(".npy"):
-            with open(temporary, "wb") as f:
-                np.save(f, probabilities)
-            return
-        import SimpleITK as sitk
+    if file_suffix(path) == ".npy":
+        def verify(temporary: Path) -> None:
+            if not np.array_equal(np.load(temporary, mmap_mode="r"), probabilities):
+                raise OSError("the written file reads back incomplete or different (is the disk full?)")
 
-        image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1).astype(np.float32), isVector=True)
-        image.SetSpacing([float(s) for s in volume.spacing])
-        image.SetOrigin([float(o) for o in volume.origin])
-        image.SetDirection([float(d) for d in volume.direction])
-        sitk.WriteImage(image, str(temporary), useCompression=True)
+        outputs.stage(path, lambda temporary: np.save(temporary, probabilities), verify)
+        return
+    import SimpleITK as sitk
 
-    write_atomic(path, write, overwrite=True)
+    from .io import write_image
+
+    image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1).astype(np.float32), isVector=True)
+    image.SetSpacing([float(s) for s in volume.spacing])
+    image.SetOrigin([float(o) for o in volume.origin])
+    image.SetDirection([float(d) for d in volume.direction])
+    write_image(path, image, outputs=outputs)
+
+
+def _uncertainty_files(path: Optional[Path]) -> list[Path]:
+    """The uncertainty map and its per-slice CSV, or nothing."""
+    from .uncertainty import scores_csv_path
+
+    return [] if path is None else [path, scores_csv_path(path)]
+
+
+def _check_uncertainty_output(path: Path, overwrite: bool) -> None:
+    from .uncertainty import MAP_SUFFIXES, scores_csv_path
+
+    _check_output(path, overwrite, MAP_SUFFIXES, "uncertainty map")
+    _check_output(scores_csv_path(path), overwrite, (".csv",), "per-slice score file")
+
+
+def _annotated_slices(text: Optional[str], volume, axis: str) -> list[int]:
+    """Slice indices from ``I,J,...`` or from the labelled slices of a labelmap / segmentation file."""
+    if text is None:
+        return []
+    if all(part.strip().isdigit() for part in text.split(",")):
+        return _int_list(text)
+    from .io import read_labelmap
+    from .training import annotated_slices
+
+    labels, _ = read_labelmap(text, reference=volume)
+    return annotated_slices(labels, axis)
+
+
+def _suggest(args: argparse.Namespace) -> None:
+    from .bundle import load_bundle
+    from .inference import segment_volume, select_device
+    from .io import read_volume
+    from .suggest import SpreadRule, suggest_slices
+
+    if args.csv is not None:
+        _check_output(Path(args.csv), args.overwrite, (".csv",), "CSV file")
+    for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
+        _check_input(path, what)
+    device = select_device(args.device)
+    volume = read_volume(args.volume)
+    model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
+    annotated = _annotated_slices(args.annotated, volume, metadata.slice_axis)
+    with _ProgressBar(f"scoring slices on {device.type}") as bar:
+        result = segment_volume(
+            model, volume, metadata, device=device, batch_size=args.batch_size, slice_range=args.slices,
+            progress=bar, uncertainty=args.signal,
+        )
+    picks = suggest_slices(result.slice_scores, args.count, annotated, SpreadRule(min_distance=args.min_distance))
+    print(f"{'rank':>4} {metadata.slice_axis + ' slice':>14} {'uncertainty':>11}", file=sys.stderr)
+    for rank, index in enumerate(picks, start=1):
+        print(f"{rank:>4} {index:>14} {result.slice_scores[index]:>11.4f}", file=sys.stderr)
+    if args.csv is not None:
+        rows = "".join(f"{rank},{metadata.slice_axis},{index},{result.slice_scores[index]:.6f}\n"
+                       for rank, index in enumerate(picks, start=1))
+        write_bytes_atomic(args.csv, ("rank,axis,slice,score\n" + rows).encode("utf-8"), overwrite=True)
+    print(",".join(map(str, picks)))
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .bundle import read_bundle_metadata, save_bundle
     from .cohort import cases_from_arguments
-    from .inference import select_device
-    from .io import read_labelmap, read_volume
-    from .preprocess import IntensityPreprocessing
-    from .training import FinetuneConfig, TrainingCase, finetune_cohort, is_main_process, training_precision
 
     output = Path(args.output)
     _check_output(output, args.overwrite, (".hsam",), "model file")
-    training_precision(args.precision, select_device(args.device))  # before any work, as in segment
     listed = cases_from_arguments(args.inputs, args.manifest, ("image", "labels"))
-    if args.base_model is not None and args.preset is not None:
+    for what, path in (("SAM checkpoint", args.sam_checkpoint), ("base model", args.base_model)):
+        _check_input(path, what)
+    files = [path for case in listed for path in (case.first, case.second)]
+    check_distinct([output], [*files, args.sam_checkpoint, args.base_model])
+    from .bundle import read_bundle_metadata
+    from .io import read_labelmap, read_volume
+
+    if args.base_model is not None:
         base_preset = read_bundle_metadata(args.base_model).preset
-        if base_preset != args.preset:
+        if args.preset is not None and base_preset != args.preset:
             raise InputError(f"{Path(args.base_model).name} is a {base_preset} model, not --preset {args.preset}")
+    from .training import TrainingCase
+
     cases = []
     for case in listed:
-        volume = read_volume(case.first)
-        labels, segments = read_labelmap(case.second, reference=volume)
+        volume = read_volume(case.first, series=args.series)
+        labels, segments = read_labelmap(case.second, reference=volume, resample=args.resample_labels)
         cases.append(TrainingCase(volume, labels, segments, case.slices, case.name))
+
+    from .bundle import save_bundle
+    from .inference import select_device
+    from .preprocess import IntensityPreprocessing
+    from .training import FinetuneConfig, finetune_cohort, is_main_process, training_precision
+
+    training_precision(args.precision, select_device(args.device))  # refuse an emulated precision before training
     preprocessing = None
     if args.modality is not None:
         preprocessing = IntensityPreprocessing(mode="ct" if args.modality == "ct" else "percentile")
@@ -234,7 +342,10 @@ def _finetune(args: argparse.Namespace) -> None:
         validation_volumes=args.validation_volumes,
     )
     main_process = is_main_process()
-    with _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
+    with Outputs(args.overwrite) as outputs, _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
+        if main_process:
+            outputs.claim([output])
+
         def on_step(p) -> None:
             dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
             bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}",
@@ -243,9 +354,11 @@ def _finetune(args: argparse.Namespace) -> None:
         volumes = cases[0].name if len(cases) == 1 else f"{len(cases)} volumes"
         bar.start("train", f"fine-tuning {config.preset} on {volumes}")
         result = finetune_cohort(cases, config, progress=on_step)
+        if main_process:
+            bar.start("save", f"saving {output.name}")
+            save_bundle(output, result.model, result.metadata, outputs=outputs)
+            outputs.publish()
     if main_process:
-        bar.start("save", f"saving {output.name}")
-        save_bundle(output, result.model, result.metadata, overwrite=args.overwrite)
         training = result.metadata.training
         summary = f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s"
         if isinstance(bar, JsonProgress):
@@ -256,28 +369,34 @@ def _finetune(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .cohort import cases_from_arguments
-    from .metrics import evaluate, summarise
 
     outputs = [(Path(p), kind) for p, kind in ((args.json, ".json"), (args.csv, ".csv")) if p is not None]
     for path, kind in outputs:
         _check_output(path, args.overwrite, (kind,), f"{kind[1:].upper()} file")
     cases = cases_from_arguments(args.inputs, args.manifest, ("prediction", "reference"))
-    rows = [{"case": case.name, **row} for case in cases for row in evaluate(case.first, case.second)]
+    check_distinct([path for path, _ in outputs], [path for case in cases for path in (case.first, case.second)])
+    from .metrics import evaluate, summarise
+
+    rows = [{"case": case.name, **row}
+            for case in cases for row in evaluate(case.first, case.second, resample=args.resample_labels)]
     print(f"{'case':<24} {'class':<24} {'label':>5} {'Dice':>7} {'HD95 mm':>9}")
     for row in rows:
-        print(f"{row['case'][:24]:<24} {row['name'][:24]:<24} {row['label']:>5} {row['dice']:>7.4f} {_mm(row['hd95_mm']):>9}")
+        print(f"{printable(row['case'])[:24]:<24} {printable(row['name'])[:24]:<24} {row['label']:>5} "
+              f"{row['dice']:>7.4f} {_mm(row['hd95_mm']):>9}")
     summary = summarise(rows)
     if len(cases) > 1:
         print(f"\n{'class':<24} {'cases':>5} {'Dice mean ± sd':>16} {'HD95 mm mean ± sd':>19}")
         for row in summary:
             dice = f"{row['dice_mean']:.4f} ± {row['dice_sd']:.4f}"
             hd95 = "-" if row["hd95_mm_mean"] is None else f"{row['hd95_mm_mean']:.2f} ± {row['hd95_mm_sd']:.2f}"
-            print(f"{row['name'][:24]:<24} {row['cases']:>5} {dice:>16} {hd95:>19}")
-    if args.json is not None:
-        text = json.dumps({"cases": rows, "summary": summary}, indent=2) + "\n"
-        write_atomic(args.json, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
-    if args.csv is not None:
-        write_atomic(args.csv, lambda tmp: tmp.write_text(_csv(rows), encoding="utf-8"), overwrite=True)
+            print(f"{printable(row['name'])[:24]:<24} {row['cases']:>5} {dice:>16} {hd95:>19}")
+    with Outputs(args.overwrite) as files:  # both score files or neither
+        if args.json is not None:
+            report = json.dumps({"cases": rows, "summary": summary}, indent=2) + "\n"
+            write_bytes_atomic(args.json, report.encode("utf-8"), outputs=files)
+        if args.csv is not None:
+            write_bytes_atomic(args.csv, _csv(rows).encode("utf-8"), outputs=files)
+        files.publish()
 
 
 def _mm(value: Optional[float]) -> str:
@@ -298,8 +417,9 @@ def _csv(rows: list[dict]) -> str:
 
 def _info(args: argparse.Namespace) -> None:
     path = Path(args.model)
+    _check_input(args.model, "model file")
     if not path.is_file():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"{printable(path)} is not a file")
     if path.suffix.lower() == ".pth":
         _info_sam(path)
     else:
@@ -307,52 +427,48 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _info_sam(path: Path) -> None:
-    from .checkpoint import SAM_CHECKPOINTS, sha256_file
+    from .sam_weights import SAM_CHECKPOINTS, cached_sha256
 
-    by_name = {info.filename: name for name, info in SAM_CHECKPOINTS.items()}
-    digest = sha256_file(path)
-    matching = [name for name, info in SAM_CHECKPOINTS.items() if info.sha256 == digest]
+    name = printable(path.name)
+    by_name = {info.filename: preset for preset, info in SAM_CHECKPOINTS.items()}
+    digest = cached_sha256(path)
+    matching = [preset for preset, info in SAM_CHECKPOINTS.items() if info.sha256 == digest]
     if matching:
-        print(f"{path.name}: official SAM {matching[0]} weights ({SAM_CHECKPOINTS[matching[0]].filename}); sha256 matches")
+        print(f"{name}: official SAM {matching[0]} weights ({SAM_CHECKPOINTS[matching[0]].filename}); sha256 matches")
     elif path.name in by_name:
-        name = by_name[path.name]
+        preset = by_name[path.name]
         raise InputError(
-            f"{path.name} is named like the official SAM {name} weights but its sha256 {digest[:12]}… does not "
-            f"match {SAM_CHECKPOINTS[name].sha256[:12]}…: download it again (hsam download {name})"
+            f"{name} is named like the official SAM {preset} weights but its sha256 {digest[:12]}… does not "
+            f"match {SAM_CHECKPOINTS[preset].sha256[:12]}…: download it again (hsam download {preset})"
         )
     else:
-        print(f"{path.name}: not an official SAM checkpoint (sha256 {digest})")
+        print(f"{name}: not an official SAM checkpoint (sha256 {digest})")
 
 
 def _info_bundle(path: Path) -> None:
-    import torch
+    from .bundle import read_bundle
 
-    from .build import build_hsam, count_parameters
-    from .bundle import read_bundle_metadata
-
-    metadata = read_bundle_metadata(path)
-    with torch.device("meta"):  # shapes only: instant even for vit_h
-        model = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank)
-    trainable, total = count_parameters(model)
-    if metadata.training.get("trained_encoder"):
-        trainable = total
-    print(f"model:        {path.name}")
+    header, metadata = read_bundle(path)
+    stored = sum(tensor.numel for tensor in header.tensors.values())
+    base = metadata.base_checkpoint
+    print(f"model:        {printable(path.name)}")
     print(f"preset:       {metadata.preset}, input {metadata.img_size}×{metadata.img_size}, CMAttn {metadata.cmattn}, "
           f"LoRA rank {metadata.lora_rank}")
-    print(f"parameters:   {total:,} ({trainable:,} trained)")
+    print(f"weights:      {stored:,} values in {len(header.tensors)} tensors"
+          + (f", on the frozen SAM {metadata.preset} image encoder" if base else ""))
     print(f"slice axis:   {metadata.slice_axis}; preprocessing {json.dumps(metadata.preprocessing)}")
-    base = metadata.base_checkpoint
-    print(f"base weights: {base['name'] + ' (sha256 ' + base['sha256'][:12] + '…)' if base else 'none (trained from scratch)'}")
+    print("base weights: " + (f"{printable(base['name'])} (sha256 {base['sha256'][:12]}…)" if base
+                              else "none (trained from scratch)"))
     print("classes:")
     for name, value, color, term in zip(
         metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
     ):
         rgb = "#" + "".join(f"{round(255 * c):02x}" for c in color)
-        print(f"  {value:>5}  {name:<24} {rgb}" + (f"  {term}" if term else ""))
+        print(f"  {value:>5}  {printable(name):<24} {rgb}" + (f"  {printable(term)}" if term else ""))
     if metadata.training:
         print("training:")
         for key, value in metadata.training.items():
-            print(f"  {key}: {json.dumps(value)}")
+            print(f"  {printable(key, 60)}: {printable(json.dumps(value))}")
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -396,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `hsam COMMAND --help` for a command's options. `hsam demo` shows the whole workflow.",
     )
     parser.add_argument("--version", action="version", version=f"hsam {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def seed_option(p: argparse.ArgumentParser) -> None:
@@ -410,6 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bar: a progress bar on stderr (default); json: one JSON object per line on stdout "
                        "(event, phase, fraction, message; epoch, loss, val_dice when training), for programs")
 
+    def series_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--series", metavar="UID",
+                       help="the DICOM series to read when the volume folder holds several (default: the largest)")
+
+    def resample_option(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--resample-labels", action="store_true",
+                       help=f"resample {what} onto the other grid (nearest neighbour) instead of refusing it")
+
+    def uncertainty_signal_option(p: argparse.ArgumentParser, flag: str) -> None:
+        from .uncertainty import DEFAULT_SIGNAL, SIGNALS
+
+        p.add_argument(flag, default=DEFAULT_SIGNAL, choices=SIGNALS,
+                       help="disagreement of the two decoding stages, entropy of their mean probabilities, or "
+                       f"combined (default: {DEFAULT_SIGNAL}; docs/model.md compares them)")
+
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=DEVICES,
                        help="where to compute; auto: a CUDA GPU, then Apple MPS, then the CPU (default: auto)")
@@ -423,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume", help="image volume (NRRD, NIfTI, MHA, or a DICOM series folder)")
     p.add_argument("-m", "--model", required=True, help="model bundle (.hsam) made by `hsam finetune`")
     p.add_argument("-o", "--output", required=True, help="output .seg.nrrd, .nrrd, .nii.gz, .nii or .mha")
+    series_option(p)
     device_option(p)
     p.add_argument("--batch-size", type=_positive(int), default=4,
                    help="slices per forward pass; halved automatically when memory runs out (default: 4)")
@@ -436,11 +569,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", metavar="FILE",
                    help="also write class probabilities: .npy (float16, classes×z×y×x, background first) or an "
                    "image file (vector image on the volume's grid)")
+    p.add_argument("--uncertainty", metavar="FILE",
+                   help="also write the model's per-voxel uncertainty (0–1, float) on the volume's grid (.nrrd, "
+                   ".nii.gz, .nii, .mha) and its per-slice scores in a CSV beside it (FILE with .csv)")
+    uncertainty_signal_option(p, "--uncertainty-signal")
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     progress_option(p)
     p.set_defaults(run=_segment)
+
+    p = commands.add_parser(
+        "suggest", help="which slices to annotate next",
+        description="Segment VOLUME with an HSAM model and print the N slices (along the model's slice axis) "
+        "where the model is least sure, spread over the volume and skipping the annotated ones, most useful "
+        "first: a comma-separated line on stdout, a table with the scores on stderr.",
+    )
+    p.add_argument("volume", help="image volume")
+    p.add_argument("-m", "--model", required=True, help="model bundle (.hsam)")
+    p.add_argument("-n", "--count", type=_positive(int), default=5, help="number of slices to suggest (default: 5)")
+    p.add_argument("--annotated", metavar="LABELS|I,J,...",
+                   help="slices already annotated: a labelmap or .seg.nrrd on the volume's grid, or slice indices")
+    p.add_argument("--min-distance", type=int, metavar="SLICES",
+                   help="keep suggestions at least this many slices from each other and from annotated slices "
+                   "while possible (default: half the spacing of evenly spread annotations)")
+    uncertainty_signal_option(p, "--signal")
+    p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST", help="consider only these slices")
+    p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice and score as CSV")
+    device_option(p)
+    p.add_argument("--batch-size", type=_positive(int), default=4, help="slices per forward pass (default: 4)")
+    p.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM weights of the model (default: the cache)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
+    p.set_defaults(run=_suggest)
 
     p = commands.add_parser(
         "finetune", help="fine-tune H-SAM on the annotated slices of one or more volumes",
@@ -459,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out the last N volumes whole for validation (default: ~15%% of each volume's "
                    "slices when it has 6 or more)")
     p.add_argument("-o", "--output", required=True, help="model bundle to write (.hsam)")
+    series_option(p)
+    resample_option(p, "a labelmap on another voxel grid than the volume's")
     p.add_argument("--preset", choices=("tiny", "vit_b", "vit_l", "vit_h"),
                    help="network size: tiny (trains from scratch, CPU-friendly) or a SAM ViT (needs "
                    "--sam-checkpoint or downloaded weights); default: tiny, or the base model's")
@@ -505,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the manifest")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.add_argument("--csv", metavar="FILE", help="also write the scores as CSV")
+    resample_option(p, "a prediction on another voxel grid than the reference's")
     p.add_argument("--overwrite", action="store_true", help="replace existing score files")
     p.set_defaults(run=_evaluate)
 
@@ -554,15 +717,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _only_hsam_warnings() -> Iterator[None]:
+    """HSAM's warnings as one ``hsam: warning: ...`` line each; other libraries' are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", HSAMWarning)
+        warnings.showwarning = lambda message, *_: print(f"hsam: warning: {printable(message, 400)}", file=sys.stderr)
+        yield
+
+
+def _stdout_to_nowhere() -> None:
+    """After a closed pipe (``hsam info … | head``): no second error when Python flushes stdout at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``hsam`` with ``argv`` (default: the command line); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except HSAMError as e:
-        print(f"hsam: error: {e}", file=sys.stderr)
+        with _only_hsam_warnings():
+            args.run(args)
+            sys.stdout.flush()
+    except HSAMError as error:
+        print(f"hsam: error: {printable(error, 600)}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("hsam: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _stdout_to_nowhere()
+        return EXIT_BROKEN_PIPE
+    except MemoryError:
+        print("hsam: error: out of memory; try a smaller batch, volume or model", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, OSError) and error.filename is not None:  # a file the system refused
+            print(f"hsam: error: {printable(error.filename)}: {error.strerror or error}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        print(f"hsam: internal error: {type(error).__name__}: {printable(error, 300)} "
+              f"(rerun as `hsam --debug {args.command} ...` for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     return 0

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from .errors import Cancelled, InputError
+from .files import Outputs, write_bytes_atomic
 
 PathLike = Union[str, os.PathLike]
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -89,10 +90,6 @@ def _mm(value: Optional[float], decimals: int = 2) -> str:
     return "-" if value is None else f"{value:.{decimals}f}"
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
-    from .io import write_atomic
-
-    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
 
 
 def _score(prediction: np.ndarray, truth: np.ndarray, slices: list[int], spacing) -> dict[int, tuple[float, float]]:
@@ -106,7 +103,7 @@ def _score(prediction: np.ndarray, truth: np.ndarray, slices: list[int], spacing
     return scores
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
+def _write_png(path: Path, rgb: np.ndarray, outputs: Outputs) -> None:
     """Write an (H, W, 3) uint8 image as PNG (zlib only, no imaging library)."""
     h, w, _ = rgb.shape
 
@@ -115,7 +112,8 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
     raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    _write_bytes(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    write_bytes_atomic(path, png, outputs=outputs)
 
 
 def overlay_image(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, slices: list[int], anterior_up: bool) -> np.ndarray:
@@ -254,20 +252,21 @@ def run_demo(
         "scores": out_dir / "dice.csv",
         "readme": out_dir / "README.txt",
     }
-    save_bundle(files["model"], result.model, result.metadata, overwrite=True)
-    write_volume(files["image"], t1, overwrite=True)
-    write_segmentation(files["segmentation"], predicted, volume, segments, overwrite=True)
-    write_labelmap(files["labels"], labels, volume, overwrite=True)
-    shown = [evaluated[int(i)] for i in np.linspace(0.3, 0.7, OVERLAY_SLICES) * (len(evaluated) - 1)]
-    anterior_up = volume.direction[4] < 0  # LPS: y index growing anteriorly
-    _write_png(files["overlay"], overlay_image(volume.array, labels, predicted, shown, anterior_up))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["class", "method", "dice", "hd95_mm"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": _mm(r["hd95_mm"], 3)} for r in scores)
-    _write_bytes(files["scores"], text.getvalue().encode())
-
     demo = DemoResult(out_dir, files, scores, annotated, evaluated, result.metadata.training, time.monotonic() - started)
-    _write_bytes(files["readme"], _readme(demo, preset).encode())
+    with Outputs(overwrite=True) as outputs:  # all files or none
+        save_bundle(files["model"], result.model, result.metadata, outputs=outputs)
+        write_volume(files["image"], t1, outputs=outputs)
+        write_segmentation(files["segmentation"], predicted, volume, segments, outputs=outputs)
+        write_labelmap(files["labels"], labels, volume, outputs=outputs)
+        shown = [evaluated[int(i)] for i in np.linspace(0.3, 0.7, OVERLAY_SLICES) * (len(evaluated) - 1)]
+        anterior_up = volume.direction[4] < 0  # LPS: y index growing anteriorly
+        _write_png(files["overlay"], overlay_image(volume.array, labels, predicted, shown, anterior_up), outputs)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["class", "method", "dice", "hd95_mm"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": _mm(r["hd95_mm"], 3)} for r in scores)
+        write_bytes_atomic(files["scores"], text.getvalue().encode(), outputs=outputs)
+        write_bytes_atomic(files["readme"], _readme(demo, preset).encode(), outputs=outputs)
+        outputs.publish()
     report(1.0, f"done in {demo.seconds:.0f} s")
     return demo

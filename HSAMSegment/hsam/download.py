@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from . import __version__
-from .checkpoint import SAM_CHECKPOINTS, SamCheckpointInfo, default_cache_dir, sha256_file
+from .sam_weights import SAM_CHECKPOINTS, SamCheckpointInfo, default_cache_dir, sha256_file
 from .errors import Cancelled, CheckpointError, HSAMError, InputError
 
 PathLike = Union[str, os.PathLike]
@@ -28,7 +28,7 @@ def download_sam_weights(
     cancel: Optional[threading.Event] = None,
 ) -> Path:
     """The path of SAM's ``name`` weights (``vit_b``, ``vit_l``, ``vit_h``) in ``cache_dir`` (default
-    ``hsam.checkpoint.default_cache_dir()``), downloaded first when missing.
+    ``hsam.sam_weights.default_cache_dir()``), downloaded first when missing.
 
     ``progress(fraction, message)`` follows the download; ``cancel.is_set()`` stops it with
     ``Cancelled``, keeping the partial file for the next call to resume.

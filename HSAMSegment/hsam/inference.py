@@ -21,7 +21,8 @@ from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
 from .errors import Cancelled, HSAMError, InputError
 from .modeling.hsam import HSAM
 from .modeling.image_encoder import release_scratch_buffer
-from .preprocess import SLICE_AXES, IntensityPreprocessing, context_indices, logits_to_grid, slices_to_model_input
+from .preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
+from .uncertainty import SIGNALS, slice_scores, stage_logits_on_grid, voxel_uncertainty
 
 Progress = Callable[[float, str], None]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -32,10 +33,14 @@ OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allo
 @dataclass
 class SegmentationResult:
     """labels: (z, y, x) with the bundle's label values (0 = background); probabilities: (C+1, z, y, x)
-    float16 softmax, channel 0 the background, when requested."""
+    float16 softmax, channel 0 the background, when requested; uncertainty: (z, y, x) float32 in
+    [0, 1] and slice_scores: (slices along the bundle's axis,) float64, NaN outside the segmented
+    range, when requested (see ``hsam.uncertainty``)."""
 
     labels: np.ndarray
     probabilities: Optional[np.ndarray] = None
+    uncertainty: Optional[np.ndarray] = None
+    slice_scores: Optional[np.ndarray] = None
 
 
 # ------------------------------------------------------------------------------------ devices
@@ -154,22 +159,21 @@ def _label_dtype(label_values: list[int]) -> np.dtype:
     return np.dtype(np.uint8 if largest < 2**8 else np.uint16 if largest < 2**16 else np.uint32)
 
 
-def _batch_input(source_slices: np.ndarray, start: int, end: int, metadata) -> np.ndarray:
-    """Slices start..end-1 of (D, H, W) ``source_slices``: (B, H, W), or (B, 3, H, W) with the
-    neighbours the model was trained with (``slice_context``)."""
-    if not metadata.slice_context:
-        return source_slices[start:end]
-    return source_slices[context_indices(np.arange(start, end), len(source_slices), metadata.slice_context)]
-
-
-def _forward(model: HSAM, slices: torch.Tensor, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """slices: (B, H, W) or (B, 3, H, W) in [0, 1] on the model's device -> float32 logits (B, C+1, H, W)."""
+def _forward(
+    model: HSAM, slices: torch.Tensor, autocast_dtype: Optional[torch.dtype], uncertainty: Optional[str] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """slices: (B, H, W) in [0, 1] on the model's device -> (float32 logits (B, C+1, H, W), the
+    ``uncertainty`` signal (B, H, W) or None)."""
     images = slices_to_model_input(slices, model.img_size)
     device_type = slices.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
-        masks = model(images).masks
-    return logits_to_grid(masks.float(), tuple(slices.shape[-2:]))
+        output = model(images)
+    size = tuple(slices.shape[-2:])
+    voxels = None
+    if uncertainty is not None:
+        voxels = voxel_uncertainty(*stage_logits_on_grid(output.stage1_logits, output.stage2_logits, size), uncertainty)
+    return logits_to_grid(output.masks.float(), size), voxels
 
 
 def class_indices(logits: torch.Tensor) -> torch.Tensor:
@@ -213,6 +217,7 @@ def segment_volume(
     cancel: Optional[threading.Event] = None,
     return_probabilities: bool = False,
     largest_component: bool = False,
+    uncertainty: Optional[str] = None,
 ) -> SegmentationResult:
     """Segment ``volume`` (an ``hsam.io.Volume``) with ``model`` and its ``BundleMetadata``.
 
@@ -221,7 +226,8 @@ def segment_volume(
     other slices are left background. Batches that run out of memory are retried at half the size.
     ``progress(fraction, message)`` is called after every batch; ``cancel.is_set()`` is checked before
     each one and raises ``Cancelled``. ``largest_component`` keeps each label's largest 3D
-    connected component (probabilities are left as predicted).
+    connected component (probabilities are left as predicted). ``uncertainty``: a signal of
+    ``hsam.uncertainty.SIGNALS`` to also return the uncertainty map and per-slice scores.
     """
     array = np.asarray(volume.array)
     _check_volume(array)
@@ -230,6 +236,8 @@ def segment_volume(
         raise InputError(f"the batch size must be at least 1, got {batch_size}")
     if metadata.slice_axis not in SLICE_AXES:
         raise InputError(f"unknown slice axis {metadata.slice_axis!r} in the model's metadata")
+    if uncertainty is not None and uncertainty not in SIGNALS:
+        raise InputError(f"unknown uncertainty signal {uncertainty!r}; choose one of {', '.join(SIGNALS)}")
     torch_device = select_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
     axis = SLICE_AXES[metadata.slice_axis]
@@ -244,6 +252,10 @@ def segment_volume(
         probabilities = np.zeros((metadata.num_classes + 1, *array.shape), dtype=np.float16)
         probabilities[0] = 1.0  # slices outside the range are background
         probabilities_slices = np.moveaxis(probabilities, axis + 1, 1)
+    uncertainty_map = uncertainty_slices = None
+    if uncertainty is not None:
+        uncertainty_map = np.zeros(array.shape, dtype=np.float32)
+        uncertainty_slices = np.moveaxis(uncertainty_map, axis, 0)
     preprocessing = IntensityPreprocessing.from_dict(metadata.preprocessing)
     intensity_range = preprocessing.intensity_range(array)
     source_slices = np.moveaxis(array, axis, 0)  # normalised batch by batch: no float copy of the volume
@@ -257,10 +269,9 @@ def segment_volume(
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("segmentation cancelled")
                 end = min(index + batch, stop)
-                slices = torch.from_numpy(preprocessing.apply(_batch_input(source_slices, index, end, metadata),
-                                                              intensity_range))
+                slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
                 try:
-                    logits = _forward(model, slices.to(torch_device), autocast_dtype)
+                    logits, voxels = _forward(model, slices.to(torch_device), autocast_dtype, uncertainty)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not is_out_of_memory(e):
                         raise
@@ -280,6 +291,8 @@ def segment_volume(
                 if probabilities_slices is not None:
                     probs = torch.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
                     probabilities_slices[:, index:end] = probs.transpose(1, 0, 2, 3)
+                if uncertainty_slices is not None:
+                    uncertainty_slices[index:end] = voxels.cpu().numpy()
                 done = end - start
                 report(done / (stop - start), f"slice {done}/{stop - start} (batch {batch})")
                 index = end
@@ -289,4 +302,8 @@ def segment_volume(
 
     if largest_component:
         keep_largest_components(labels, metadata.label_values, cancel)
-    return SegmentationResult(labels, probabilities)
+    scores = None
+    if uncertainty_map is not None:
+        scores = slice_scores(uncertainty_map, labels, axis)
+        scores[:start] = scores[stop:] = np.nan
+    return SegmentationResult(labels, probabilities, uncertainty_map, scores)

@@ -2,8 +2,11 @@
 
 Arrays are indexed ``(z, y, x)``; spacing and origin are ``(x, y, z)`` in mm and direction is a
 row-major 3×3 tuple, all in SimpleITK's LPS convention. Readers raise ``InputError`` with one line
-for anything HSAM cannot use; writers check the destination first and replace it atomically (a
-temporary file in the same folder, then ``os.replace``), so a failed write leaves nothing behind.
+for anything HSAM cannot use: truncated files (NIfTI checked by ``hsam.nifti``, as ITK zero-fills
+them), NaN or infinite voxels, complex or vector voxels, labelmaps off the volume's voxel lattice.
+Writers go through ``hsam.files``: each file is read back before it is renamed into place, so a
+failed or short write (a full disk) leaves nothing behind. ITK's and GDCM's own console messages
+are silenced; what HSAM has to say comes as an ``InputError`` or an ``HSAMWarning``.
 
 Supported: NRRD, NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``, ``.mhd`` for reading), a DICOM
 series folder, and 3D Slicer's ``.seg.nrrd`` segmentation files (single- and multi-layer).
@@ -11,16 +14,21 @@ series folder, and 3D Slicer's ``.seg.nrrd`` segmentation files (single- and mul
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import HSAMWarning, InputError, printable
+from .files import Outputs, error_reason, file_suffix, real_path, write_atomic
+from .nifti import check_nifti
+from .presets import MAX_LABEL_VALUE
 
 PathLike = Union[str, os.PathLike]
 
@@ -28,6 +36,9 @@ SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 VOLUME_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
 GEOMETRY_TOLERANCE = 1e-4
+COMPLEX_PIXEL_IDS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+# Set by ITK's series reader on an image whose slices are missing or unevenly spaced.
+NON_UNIFORM_SAMPLING_KEY = "ITK_non_uniform_sampling_deviation"
 
 # Colours given to segments that come without one (cycled by label value).
 DEFAULT_COLORS = (
@@ -138,39 +149,40 @@ def default_segment(label_value: int) -> Segment:
 # ------------------------------------------------------------------------------------- reading
 
 
-def read_volume(path: PathLike) -> Volume:
+def read_volume(path: PathLike, series: Optional[str] = None) -> Volume:
     """Read a 3D scalar volume: NRRD, NIfTI, MetaImage, or a folder holding a DICOM series.
 
     Floating-point images come back as float32, integer images keep their own dtype (e.g. int16
-    for CT). A folder with several DICOM series gives the one with the most files.
+    for CT). In a folder with several DICOM series, ``series`` (a Series Instance UID) picks one;
+    without it the series with the most files is read and an ``HSAMWarning`` says which.
     """
     path = Path(path)
-    image = _read_dicom_series(path) if path.is_dir() else _read_image(path)
+    image = _read_dicom_series(path, series) if path.is_dir() else _read_image(path)
     _check_scalar_3d(image, path.name)
     volume = Volume.from_sitk(image)
     if np.issubdtype(volume.array.dtype, np.floating):
         volume.array = volume.array.astype(np.float32, copy=False)
-        bad = np.count_nonzero(~np.isfinite(volume.array))
-        if bad:
-            raise InputError(f"{path.name} has {bad} NaN or infinite voxels")
     elif volume.array.dtype == bool:
         volume.array = volume.array.astype(np.uint8)
     return volume
 
 
 def read_labelmap(
-    path: PathLike, reference: Optional[Volume] = None, resample: bool = True
+    path: PathLike, reference: Optional[Volume] = None, resample: bool = False
 ) -> tuple[np.ndarray, list[Segment]]:
     """Read a labelmap or a 3D Slicer ``.seg.nrrd``: (labels (z, y, x), segments).
 
     A ``.seg.nrrd`` gives its segments' names, colours, label values and terminology; its layers
-    are merged into one array, later layers over earlier ones (if two segments share a label value
-    in different layers, all segments are renumbered 1…N in file order). A plain labelmap gives one
-    ``Label_<v>`` segment per non-zero value. The labels come back as the smallest unsigned dtype.
+    are merged into one array, later layers over earlier ones, with an ``HSAMWarning`` naming the
+    segments that overlap (if two segments share a label value in different layers, all segments are
+    renumbered 1…N in file order). A plain labelmap gives one ``Label_<v>`` segment per non-zero
+    value. The labels come back as the smallest unsigned dtype; values above ``MAX_LABEL_VALUE``
+    are refused.
 
     With ``reference``, the labels are placed on its grid: a labelmap on the same voxel lattice
-    (e.g. a cropped ``.seg.nrrd``) is pasted exactly; any other geometry is resampled with nearest
-    neighbour if ``resample``, else rejected with an ``InputError`` naming the difference.
+    (e.g. a cropped ``.seg.nrrd``) is pasted exactly, unless labelled voxels fall outside the volume;
+    any other geometry is refused with an ``InputError`` naming the difference, or resampled with
+    nearest neighbour if ``resample``.
     """
     path = Path(path)
     if path.is_dir():
@@ -187,30 +199,98 @@ def read_labelmap(
     return labels, segments
 
 
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """ITK, GDCM and MetaIO print warnings straight to the process's stderr: send them nowhere."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _read_image(path: Path) -> sitk.Image:
     if not path.exists():
         raise InputError(f"file not found: {path}")
     if not path.is_file():
         raise InputError(f"{path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path} is not readable (permission denied)")
+    if file_suffix(path) in (".nii", ".nii.gz"):
+        check_nifti(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        with _native_output_silenced():
+            image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"cannot read {path.name}: {_itk_reason(error)}") from None
+        raise InputError(f"cannot read {path.name}: {error_reason(error)}") from None
+    _check_voxels(image, path.name)
+    return image
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+def _read_dicom_series(folder: Path, series: Optional[str]) -> sitk.Image:
+    with _native_output_silenced():
+        found = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                 for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
+    if not found:
         raise InputError(f"no DICOM series found in folder {folder}")
-    files = max(
-        (sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id) for series_id in series), key=len
-    )
+    listed = {real_path(name) for names in found.values() for name in names}
+    unreadable = [f for f in sorted(folder.iterdir()) if _looks_like_dicom(f) and real_path(f) not in listed]
+    if unreadable:
+        raise InputError(
+            f"folder {folder.name} holds {len(unreadable)} DICOM file(s) that cannot be read (truncated or corrupt?), "
+            f"e.g. {printable(unreadable[0].name)}"
+        )
+    if series is not None and series not in found:
+        raise InputError(f"folder {folder.name} has no DICOM series {series}; it has {', '.join(found)}")
+    if series is None:
+        series = max(found, key=lambda uid: len(found[uid]))
+        if len(found) > 1:
+            warnings.warn(HSAMWarning(
+                f"folder {folder.name} holds {len(found)} DICOM series; read {series} ({len(found[series])} files), "
+                "choose another with --series UID"
+            ), stacklevel=3)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(found[series])
     try:
-        return reader.Execute()
+        with _native_output_silenced():
+            image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"cannot read the DICOM series in {folder.name}: {_itk_reason(error)}") from None
+        raise InputError(f"cannot read the DICOM series in {folder.name}: {error_reason(error)}") from None
+    if image.HasMetaDataKey(NON_UNIFORM_SAMPLING_KEY):
+        raise InputError(f"the DICOM series in {folder.name} has missing or unevenly spaced slices")
+    _check_voxels(image, folder.name)
+    return image
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A file with the DICOM preamble ("DICM" after 128 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_voxels(image: sitk.Image, name: str) -> None:
+    """Refuse complex voxels and NaN or infinite ones (in any format)."""
+    if image.GetPixelID() in COMPLEX_PIXEL_IDS:
+        raise InputError(f"{name} has complex-valued voxels; HSAM needs real scalar voxels")
+    voxels = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(voxels.dtype, np.floating):
+        bad = np.count_nonzero(~np.isfinite(voxels))
+        if bad:
+            raise InputError(f"{name} has {bad} NaN or infinite voxels")
 
 
 def _check_scalar_3d(image: sitk.Image, name: str) -> None:
@@ -242,9 +322,9 @@ def _integer_labels(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def _label_dtype(largest: int) -> np.dtype:
-    if largest >= 2**32:
-        raise InputError(f"label value {largest} is too large (at most 2^32 − 1)")
-    return np.dtype(np.uint8 if largest < 2**8 else np.uint16 if largest < 2**16 else np.uint32)
+    if largest > MAX_LABEL_VALUE:
+        raise InputError(f"label value {largest} is too large (at most {MAX_LABEL_VALUE})")
+    return np.dtype(np.uint8 if largest < 2**8 else np.uint16)
 
 
 def _merge_segmentation_layers(image: sitk.Image, name: str) -> tuple[np.ndarray, list[Segment]]:
@@ -259,22 +339,55 @@ def _merge_segmentation_layers(image: sitk.Image, name: str) -> tuple[np.ndarray
     old_format = "LabelValue" not in fields[0]  # before Slicer 4.11: one layer of 0/1 per segment
     entries = []
     for index, values in enumerate(fields):
-        layer = int(values.get("Layer", index if old_format else 0))
-        label_value = int(values.get("LabelValue", 1 if old_format else index + 1))
+        where = f"{name}: segment {index}"
+        (layer,) = _segment_numbers(values, "Layer", [index if old_format else 0], where)
+        (label_value,) = _segment_numbers(values, "LabelValue", [1 if old_format else index + 1], where)
         if not 0 <= layer < layers.shape[-1]:
             raise InputError(f"{name}: segment {index} is in layer {layer} but the file has {layers.shape[-1]}")
-        color = [float(c) for c in values.get("Color", "").split()] or DEFAULT_COLORS[index % len(DEFAULT_COLORS)]
+        color = _segment_numbers(values, "Color", DEFAULT_COLORS[index % len(DEFAULT_COLORS)], where)
         color = tuple(min(max(c, 0.0), 1.0) for c in color)
         entries.append((layer, label_value, values.get("Name", f"Segment_{index + 1}"), color, _terminology(values)))
+    _label_dtype(max(value for _, value, *_ in entries))
     renumber = len({value for _, value, *_ in entries}) < len(entries)
     segments = [
         Segment(seg_name, index + 1 if renumber else value, color, terminology)
         for index, (_, value, seg_name, color, terminology) in enumerate(entries)
     ]
     labels = np.zeros(layers.shape[:3], dtype=_label_dtype(max(s.label_value for s in segments)))
+    overlaps = []
     for (layer, value, *_), segment in sorted(zip(entries, segments), key=lambda pair: pair[0][0]):
-        labels[layers[..., layer] == value] = segment.label_value
+        mask = layers[..., layer] == value
+        overlaps += _overlaps(labels, mask, segment, segments)
+        labels[mask] = segment.label_value
+    if overlaps:
+        warnings.warn(HSAMWarning(f"{printable(name)}: {'; '.join(overlaps)} (the later layer is kept)"), stacklevel=3)
     return labels, segments
+
+
+def _segment_numbers(values: dict[str, str], key: str, default: Sequence, where: str) -> list:
+    """The numbers of a ``Segment<i>_<key>`` field (integers except colours)."""
+    text = values.get(key)
+    if text is None:
+        return list(default)
+    kind = float if key == "Color" else int
+    try:
+        numbers = [kind(item) for item in text.split()]
+    except ValueError:
+        raise InputError(f"{where} has a non-numeric {key} {printable(text)!r}") from None
+    if len(numbers) != len(default):
+        raise InputError(f"{where} has {key} {printable(text)!r}; expected {len(default)} number(s)")
+    return numbers
+
+
+def _overlaps(labels: np.ndarray, mask: np.ndarray, segment: Segment, segments: Sequence[Segment]) -> list[str]:
+    """'segments A and B overlap in N voxels' for each segment already in ``labels`` that ``mask`` covers."""
+    covered = labels[mask]
+    names = {s.label_value: s.name for s in segments}
+    values, counts = np.unique(covered[covered != 0], return_counts=True)
+    return [
+        f"segments {printable(names[int(v)])!r} and {printable(segment.name)!r} overlap in {n} voxels"
+        for v, n in zip(values, counts)
+    ]
 
 
 def _segment_fields(image: sitk.Image) -> list[dict[str, str]]:
@@ -311,8 +424,14 @@ def _place_on_grid(
     offset = _lattice_offset(source, reference)
     if offset is not None:
         placed = _paste(labels, offset, reference.array.shape)
+        dropped = np.count_nonzero(labels) - np.count_nonzero(placed)
+        if dropped and not resample:
+            raise InputError(f"{name} has {dropped} labelled voxels outside the volume ({difference})")
     elif not resample:
-        raise InputError(f"{name} is not on the volume's grid ({difference}); resample it first")
+        raise InputError(
+            f"{name} is not on the volume's voxel grid ({difference}); resample it onto the volume first "
+            "or pass --resample-labels"
+        )
     else:
         source_image = source.to_sitk()
         placed = sitk.GetArrayFromImage(sitk.Resample(
@@ -353,25 +472,50 @@ def _paste(labels: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np
 # ------------------------------------------------------------------------------------- writing
 
 
-def write_volume(path: PathLike, volume: Volume, overwrite: bool = False) -> None:
+def write_image(path: PathLike, image: sitk.Image, overwrite: bool = False, outputs: Optional[Outputs] = None) -> None:
+    """Write ``image`` compressed, in the format of ``path``'s suffix, through ``hsam.files.write_atomic``
+    (staged in ``outputs`` if given): it is read back with HSAM's checks and compared voxel by voxel
+    before it is renamed into place, as ITK's NIfTI writer does not report a full disk."""
+    def write(temporary: Path) -> None:
+        with _native_output_silenced():
+            sitk.WriteImage(image, str(temporary), True)
+
+    def verify(temporary: Path) -> None:
+        try:
+            written = _read_image(temporary)
+            same = np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image))
+        except InputError:
+            same = False
+        if not same:
+            raise OSError("the written file reads back incomplete or different (is the disk full?)")
+
+    write_atomic(path, write, overwrite, verify, outputs)
+
+
+def write_volume(path: PathLike, volume: Volume, overwrite: bool = False, outputs: Optional[Outputs] = None) -> None:
     """Write ``volume`` (its own dtype, compressed) to ``.nrrd``, ``.nii``, ``.nii.gz`` or ``.mha``."""
     path = Path(path)
     _check_suffix(path, VOLUME_SUFFIXES, "volume")
-    image = volume.to_sitk()
-    write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite)
+    write_image(path, volume.to_sitk(), overwrite, outputs)
 
 
-def write_labelmap(path: PathLike, labels: np.ndarray, reference: Volume, overwrite: bool = False) -> None:
+def write_labelmap(
+    path: PathLike, labels: np.ndarray, reference: Volume, overwrite: bool = False, outputs: Optional[Outputs] = None
+) -> None:
     """Write ``labels`` (z, y, x) on ``reference``'s grid, compressed: uint8 if the largest value is
-    below 256, else uint16 (uint32 beyond 65535). Formats: ``.nrrd``, ``.nii``, ``.nii.gz``, ``.mha``."""
+    below 256, else uint16. Formats: ``.nrrd``, ``.nii``, ``.nii.gz``, ``.mha``."""
     path = Path(path)
     _check_suffix(path, LABELMAP_SUFFIXES, "labelmap")
-    image = reference.to_sitk(_labels_for_writing(labels, reference))
-    write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite)
+    write_image(path, reference.to_sitk(_labels_for_writing(labels, reference)), overwrite, outputs)
 
 
 def write_segmentation(
-    path: PathLike, labels: np.ndarray, reference: Volume, segments: Sequence[Segment], overwrite: bool = False
+    path: PathLike,
+    labels: np.ndarray,
+    reference: Volume,
+    segments: Sequence[Segment],
+    overwrite: bool = False,
+    outputs: Optional[Outputs] = None,
 ) -> None:
     """Write a single-layer 3D Slicer ``.seg.nrrd`` on ``reference``'s grid.
 
@@ -394,7 +538,7 @@ def write_segmentation(
     image = reference.to_sitk(array)
     for key, value in _segmentation_metadata(segments, reference).items():
         image.SetMetaData(key, value)
-    write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), True), overwrite)
+    write_image(path, image, overwrite, outputs)
 
 
 def write_output(
@@ -403,12 +547,13 @@ def write_output(
     reference: Volume,
     segments: Sequence[Segment] = (),
     overwrite: bool = False,
+    outputs: Optional[Outputs] = None,
 ) -> None:
     """``write_segmentation`` for a ``.seg.nrrd`` path, else ``write_labelmap``."""
     if str(path).lower().endswith(SEGMENTATION_SUFFIX):
-        write_segmentation(path, labels, reference, segments, overwrite)
+        write_segmentation(path, labels, reference, segments, overwrite, outputs)
     else:
-        write_labelmap(path, labels, reference, overwrite)
+        write_labelmap(path, labels, reference, overwrite, outputs)
 
 
 def _labels_for_writing(labels: np.ndarray, reference: Volume) -> np.ndarray:
@@ -458,34 +603,6 @@ def _check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
         raise InputError(f"{path.name}: a {what} file must end with one of {', '.join(suffixes)}")
 
 
-def write_atomic(path: PathLike, write: Callable[[Path], None], overwrite: bool = False) -> None:
-    """Check ``path``'s folder and existence, call ``write(temporary path)`` for a file beside it (with
-    the same suffix, so that SimpleITK picks the format), then rename it onto ``path``. A failed write
-    leaves nothing behind and raises ``InputError``."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"folder not found: {parent}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists (choose overwrite to replace it)")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to folder {parent}")
-    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except (RuntimeError, OSError) as error:
-        raise InputError(f"cannot write {path}: {_itk_reason(error)}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 # ------------------------------------------------------------------------------------- helpers
 
 
@@ -493,12 +610,6 @@ def _set_geometry(image: sitk.Image, volume: Volume) -> None:
     image.SetSpacing([float(s) for s in volume.spacing])
     image.SetOrigin([float(o) for o in volume.origin])
     image.SetDirection([float(d) for d in volume.direction])
-
-
-def _itk_reason(error: Exception) -> str:
-    """The informative last line of an ITK exception message (they span several lines)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _xyz(shape: tuple[int, ...]) -> str:

@@ -72,19 +72,20 @@ def _match(reference: list[Segment], prediction: list[Segment]) -> list[tuple[Se
     return pairs
 
 
-def evaluate(prediction_path: Union[str, Path], reference_path: Union[str, Path]) -> list[dict]:
+def evaluate(prediction_path: Union[str, Path], reference_path: Union[str, Path], resample: bool = False) -> list[dict]:
     """Dice and HD95 (mm) per class of a predicted labelmap or ``.seg.nrrd`` against a reference one.
 
     Classes are the reference's segments, matched to the prediction's by name and then by label
     value; predicted segments with no reference counterpart are scored against an empty mask. The
-    prediction is placed on the reference's grid (resampled with nearest neighbour if needed).
+    prediction must lie on the reference's voxel lattice (a crop is placed exactly), else it is
+    refused, or resampled with nearest neighbour if ``resample``.
     Rows: ``{"name", "label", "dice", "hd95_mm"}``.
     """
     reference_labels, reference_segments = read_labelmap(reference_path)
     reference_image = sitk.ReadImage(str(reference_path))
     grid = Volume(reference_labels, reference_image.GetSpacing(), reference_image.GetOrigin(),
                   reference_image.GetDirection())
-    prediction_labels, prediction_segments = read_labelmap(prediction_path, reference=grid)
+    prediction_labels, prediction_segments = read_labelmap(prediction_path, reference=grid, resample=resample)
     rows = []
     pairs = _match(reference_segments, prediction_segments)
     matched = {id(p) for _, p in pairs if p is not None}

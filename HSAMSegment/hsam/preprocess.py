@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .axes import SLICE_AXES
 from .errors import InputError
+from .presets import INTENSITY_MODES, SLICE_AXES  # noqa: F401 (SLICE_AXES: used by importers of this module)
+
 
 CT_WINDOW = (-125.0, 275.0)
 PERCENTILES = (0.5, 99.5)
-MODES = ("ct", "percentile")
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class IntensityPreprocessing:
     percentiles: tuple[float, float] = PERCENTILES
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"unknown intensity preprocessing {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode not in INTENSITY_MODES:
+            raise InputError(f"unknown intensity preprocessing {self.mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
         for name, (low, high), limits in (("window", self.window, None), ("percentiles", self.percentiles, (0, 100))):
             if not low < high or (limits is not None and not limits[0] <= low < high <= limits[1]):
                 raise InputError(f"invalid {name} ({low}, {high}) for intensity preprocessing")
@@ -83,22 +83,10 @@ def resize_slices(slices: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def slices_to_model_input(slices: torch.Tensor, img_size: int) -> torch.Tensor:
-    """(B, H, W) slices in [0, 1] -> (B, 3, S, S) network input (resized, repeated to 3 channels);
-    (B, 3, H, W) slices with context (see ``context_indices``) are resized only."""
-    if slices.ndim == 4 and slices.shape[1] == 3:
-        b, _, h, w = slices.shape
-        return resize_slices(slices.reshape(b * 3, h, w), img_size).reshape(b, 3, img_size, img_size)
+    """(B, H, W) slices in [0, 1] -> (B, 3, S, S) network input (resized, repeated to 3 channels)."""
     if slices.ndim != 3:
-        raise InputError(f"expected slices of shape (B, H, W) or (B, 3, H, W), got {tuple(slices.shape)}")
+        raise InputError(f"expected slices of shape (B, H, W), got {tuple(slices.shape)}")
     return resize_slices(slices, img_size)[:, None].expand(-1, 3, -1, -1)
-
-
-def context_indices(indices: np.ndarray, depth: int, offset: int) -> np.ndarray:
-    """(B,) slice indices -> (B, 3): the slices ``offset`` before and after each one (clamped to the
-    volume) around it, the network's three input channels. ``offset`` 0 repeats the slice, the
-    authors' input."""
-    indices = np.asarray(indices)
-    return np.clip(indices[:, None] + np.array([-offset, 0, offset]), 0, depth - 1)
 
 
 def logits_to_grid(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -45,21 +45,23 @@ from safetensors.torch import save
 from . import __version__
 from .augment import RandomAugmentation
 from .build import build_hsam
-from .bundle import BundleMetadata, default_color, load_bundle
-from .checkpoint import SAM_CHECKPOINTS, identify_sam_checkpoint, load_sam_weights, sha256_file
+from .bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata
+from .checkpoint import load_sam_weights
+from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
+from .files import write_bytes_atomic
 from .inference import resolve_precision, select_device
-from .io import write_atomic
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
-from .preprocess import SLICE_AXES, IntensityPreprocessing, context_indices, slices_to_model_input
+from .preprocess import SLICE_AXES, IntensityPreprocessing
+from .presets import MAX_CLASSES, MAX_LABEL_VALUE
+from .sam_weights import SAM_CHECKPOINTS, cached_sha256, identify_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
 DEFAULT_IMG_SIZE = {"tiny": 256}  # every vit_* preset: 512, as the authors' 10 % Synapse run
 FALLBACK_IMG_SIZE = 512
 DEFAULT_EPOCHS = 300
-DEFAULT_SLICE_CONTEXT = {"tiny": 0}  # vit_*: 0, the authors' input (the slice in all three channels)
 DEFAULT_LEARNING_RATE = {"tiny": 0.001}  # vit_*: the authors' 0.0025
 FALLBACK_LEARNING_RATE = 0.0025
 BETAS = (0.9, 0.999)
@@ -84,9 +86,7 @@ class FinetuneConfig:
     unsupported) on CUDA, float32 elsewhere. ``gradient_checkpointing``: recompute the image encoder's
     activations in the backward pass (less memory, ~30 % more time); None = on for vit_* on CUDA.
     ``validation_volumes``: in a cohort, hold out the last N volumes whole for validation instead of
-    ~15 % of the slices. ``slice_context``: the network's first and third input channels are the
-    slices this far before and after the one segmented (0: the slice itself, the authors' input);
-    None = the preset's default; a base bundle keeps its own."""
+    ~15 % of the slices."""
 
     preset: str = "tiny"
     sam_checkpoint: Optional[PathLike] = None
@@ -108,7 +108,6 @@ class FinetuneConfig:
     augment: bool = True
     validation: bool = True
     validation_volumes: int = 0
-    slice_context: Optional[int] = None
     resume: Optional[PathLike] = None
     precision: str = "auto"
     gradient_checkpointing: Optional[bool] = None
@@ -266,6 +265,8 @@ def _cohort_classes(cases: Sequence[TrainingCase], config: FinetuneConfig) -> tu
     for given, what in ((config.class_names, "class names"), (config.class_colors, "class colours")):
         if given is not None and len(given) != len(merged.label_values):
             raise InputError(f"{len(given)} {what} given for {len(merged.label_values)} classes")
+    if len(merged.label_values) > MAX_CLASSES or max(merged.label_values) > MAX_LABEL_VALUE:
+        raise InputError(f"a model holds at most {MAX_CLASSES} classes with label values up to {MAX_LABEL_VALUE}")
     if config.class_names is not None:
         merged.names = list(config.class_names)
     if config.class_colors is not None:
@@ -313,17 +314,15 @@ def _split_validation(slices: list[int], enabled: bool) -> tuple[list[int], list
 
 
 def _slice_tensors(
-    image: np.ndarray, labels: np.ndarray, axis: int, indices: list[int], img_size: int, context: int
+    image: np.ndarray, labels: np.ndarray, axis: int, indices: list[int], img_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocessed (0–1) network input and class-index slices resized to the network: ((N, 3, S, S)
-    float32, (N, S, S) int64); the channels are each slice and its neighbours ``context`` slices away
-    (``preprocess.context_indices``); images bilinearly, labels by nearest neighbour."""
-    channels = context_indices(np.asarray(indices), image.shape[axis], context)
-    images = torch.from_numpy(np.take(image, channels, axis=axis).astype(np.float32))  # axis 0: (N, 3, y, x)
-    images = torch.movedim(images, (axis, axis + 1), (0, 1)) if axis else images
+    """Preprocessed (0–1) image and class-index slices resized to the network: ((N, S, S) float32,
+    (N, S, S) int64); images bilinearly, labels by nearest neighbour."""
+    images = torch.from_numpy(np.stack([np.take(image, i, axis=axis) for i in indices]).astype(np.float32))
     targets = torch.from_numpy(np.stack([np.take(labels, i, axis=axis) for i in indices]).astype(np.int64))
-    images = slices_to_model_input(images, img_size).contiguous()
-    targets = F.interpolate(targets[:, None].float(), size=(img_size, img_size), mode="nearest")[:, 0].long()
+    size = (img_size, img_size)
+    images = F.interpolate(images[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    targets = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0].long()
     return images, targets
 
 
@@ -337,7 +336,6 @@ class _Model:
     base_checkpoint: Optional[dict]
     base_bundle: Optional[str]
     preprocessing: Optional[dict]
-    slice_context: int
 
 
 def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
@@ -349,8 +347,7 @@ def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
             )
         if config.img_size is not None and config.img_size != meta.img_size:
             raise InputError(f"{Path(config.base_bundle).name} works at {meta.img_size}px, not {config.img_size}px")
-        return _Model(model, meta.preset, meta.base_checkpoint, Path(config.base_bundle).name, meta.preprocessing,
-                      meta.slice_context)
+        return _Model(model, meta.preset, meta.base_checkpoint, Path(config.base_bundle).name, meta.preprocessing)
 
     img_size = config.img_size or DEFAULT_IMG_SIZE.get(config.preset, FALLBACK_IMG_SIZE)
     try:
@@ -367,9 +364,8 @@ def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
         if identify_sam_checkpoint(path) != config.preset:
             raise CheckpointError(f"{path.name} is not the official SAM {config.preset} file")
         load_sam_weights(model, path, config.preset)
-        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": sha256_file(path)}
-    context = config.slice_context if config.slice_context is not None else DEFAULT_SLICE_CONTEXT.get(config.preset, 0)
-    return _Model(model, config.preset, base, None, None, context)
+        base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": cached_sha256(path)}
+    return _Model(model, config.preset, base, None, None)
 
 
 def _trainable_state(model: HSAM) -> dict[str, torch.Tensor]:
@@ -433,7 +429,7 @@ def save_training_state(path: PathLike, state: TrainingState) -> Path:
     """Write a training state (safetensors + JSON, no pickle) atomically."""
     path = Path(path)
     payload = save({k: v.contiguous() for k, v in state.tensors.items()}, {STATE_KEY: json.dumps(state.info)})
-    write_atomic(path, lambda temporary: temporary.write_bytes(payload), overwrite=True)
+    write_bytes_atomic(path, payload, overwrite=True)
     return path
 
 
@@ -499,7 +495,7 @@ def _validate(
     predictions = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
-        predictions.append(model(batch).masks.argmax(1).cpu())
+        predictions.append(model(batch[:, None].expand(-1, 3, -1, -1)).masks.argmax(1).cpu())
     model.train()
     return _class_dice(torch.cat(predictions), targets, model.num_classes)
 
@@ -542,10 +538,13 @@ def finetune_cohort(
     config = config or FinetuneConfig()
     _check_config(config, len(cases))
     axis = SLICE_AXES[config.slice_axis]
+    base = read_bundle_metadata(config.base_bundle) if config.base_bundle is not None else None
     for index, case in enumerate(cases):
         case.labels = np.asarray(case.labels)
         case.name = case.name or f"volume {index + 1}"
         _check_inputs(case.volume, case.labels, case.name if len(cases) > 1 else "")
+        if base is not None:  # continuing: the base model's classes, names and colours, in its order
+            case.labels, case.segments = align_to_base(case.labels, case.segments, base, Path(config.base_bundle).name)
     classes, class_labels = _cohort_classes(cases, config)
     slices = [_select_slices(labels, axis, case.slices if case.slices is not None else config.slices)
               for case, labels in zip(cases, class_labels)]
@@ -646,7 +645,7 @@ class _Loop:
         if self.config.augment:
             images, targets = self.augmentation(images, targets)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            output = self.network(images, targets)
+            output = self.network(images[:, None].expand(-1, 3, -1, -1), targets)
             loss, parts = self.loss_fn(output, targets, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
@@ -774,9 +773,7 @@ class _TrainingData:
     split: list[tuple[list[int], list[int]]]
 
 
-def _training_data(
-    cases, class_labels, slices, preprocessing, config: FinetuneConfig, img_size: int, slice_context: int
-) -> _TrainingData:
+def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneConfig, img_size: int) -> _TrainingData:
     """Each case normalised by its own statistics; the last ``validation_volumes`` cases held out
     whole, else ~15 % of each case's slices (``_split_validation``)."""
     axis = SLICE_AXES[config.slice_axis]
@@ -790,7 +787,7 @@ def _training_data(
         image = preprocessing.apply(case.volume.array)
         for tensors, part in zip((train, validation), parts):
             if part:
-                tensors.append(_slice_tensors(image, labels, axis, part, img_size, slice_context))
+                tensors.append(_slice_tensors(image, labels, axis, part, img_size))
         split.append(parts)
     if not train:
         raise InputError("no training slice is left once the validation slices are held out")
@@ -819,7 +816,7 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         preprocessing = IntensityPreprocessing.from_dict(built.preprocessing)
     else:
         preprocessing = IntensityPreprocessing(mode="percentile")
-    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size, built.slice_context)
+    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size)
 
     model.to(device)
     base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
@@ -843,7 +840,6 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         terminology=classes.terminology,
         preprocessing=preprocessing.to_dict(),
         slice_axis=config.slice_axis,
-        slice_context=built.slice_context,
         cmattn=model.cmattn_mode,
         lora_rank=model.lora_rank,
         base_checkpoint=built.base_checkpoint,
