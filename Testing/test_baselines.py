@@ -1,6 +1,8 @@
 """The baselines a Slicer user has, on the real MNI152 template: nearest-slice copy, the Segment
 Editor's Fill between slices (slicer-core's vtkITK), atlas registration (SimpleITK)."""
 
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -69,6 +71,12 @@ def test_fill_between_slices_blends_two_squares():
     areas = (filled == 300).sum(axis=(1, 2))
     assert areas[0] == 400 and areas[10] == 144
     assert all(a >= b for a, b in zip(areas, areas[1:])) and 144 < areas[5] < 400
+
+
+def test_fill_between_slices_without_slicer_core(monkeypatch):
+    monkeypatch.setitem(sys.modules, "slicer", None)  # import slicer raises ImportError
+    with pytest.raises(InputError, match="pip install slicer-core"):
+        fill_between_slices(np.ones((3, 4, 4), np.uint8), [0, 2])
 
 
 @pytest.mark.slow

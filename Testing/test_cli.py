@@ -339,5 +339,5 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     code, out, _ = run(["demo", "--out", tmp_path / "demo", "--epochs", "1", "--img-size", "224", "--device", "cpu"],
                        capsys)
     assert code == 0
-    assert "H-SAM tiny" in out and "nearest-slice copy" in out
+    assert "H-SAM tiny" in out and "nearest-slice copy" in out and "Fill between slices" in out
     assert (tmp_path / "demo" / "demo.hsam").is_file() and (tmp_path / "demo" / "segmentation.seg.nrrd").is_file()
