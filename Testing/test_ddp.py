@@ -49,7 +49,8 @@ def test_two_process_training_gives_one_loadable_model(tmp_path):
     training = metadata.training
     assert training["processes"] == 2
     # 14 labelled slices: 2 held out for validation, 12 shared by 2 processes in batches of 2.
-    assert len(training["validation_slices"]) == 2 and len(training["slices"]) == 12
+    case = training["cases"][0]
+    assert len(case["validation_slices"]) == 2 and len(case["slices"]) == 12
     assert training["steps"] == 2 * 3
     assert len(json.loads((tmp_path / "history.json").read_text(encoding="utf-8"))) == 2
     assert model.num_classes == 3
