@@ -23,6 +23,18 @@ INPUT_FILE = "input.nrrd"
 RESULT_FILE = "result.seg.nrrd"
 
 
+def job_with_volume(python: Optional[str], name: str, volumeNode) -> WorkerJob:
+    """A new worker job whose folder holds ``volumeNode`` (read here, on the main thread) as ``INPUT_FILE``."""
+    volume = mrml.volume_from_node(volumeNode)
+    job = WorkerJob(python, name)
+    try:
+        write_volume(job.folder / INPUT_FILE, volume)
+    except BaseException:
+        job.cleanup()
+        raise
+    return job
+
+
 class HSAMSegmentLogic:
     """Volume node + model bundle → segmentation node, through an ``hsam segment`` worker process."""
 
@@ -41,13 +53,7 @@ class HSAMSegmentLogic:
         modelPath = Path(modelPath)
         if not modelPath.is_file():
             raise InputError(f"model file not found: {modelPath}")
-        volume = mrml.volume_from_node(volumeNode)
-        job = WorkerJob(self.python, "hsam-segment")
-        try:
-            write_volume(job.folder / INPUT_FILE, volume)
-        except BaseException:
-            job.cleanup()
-            raise
+        job = job_with_volume(self.python, "hsam-segment", volumeNode)
         arguments = [
             "segment", job.folder / INPUT_FILE, "--model", modelPath.resolve(), "--output", job.folder / RESULT_FILE,
             "--device", device, "--batch-size", int(batchSize), "--progress", "json",

@@ -18,14 +18,13 @@ import slicer
 import vtk
 
 from hsam.errors import InputError
-from hsam.io import Volume, read_labelmap, read_volume, write_volume
+from hsam.io import Volume, read_labelmap, read_volume
 from hsam.presets import SLICE_AXES
 
 from . import mrml
-from .segment_logic import OnEvents
+from .segment_logic import INPUT_FILE, OnEvents, job_with_volume
 from .worker import WorkerJob
 
-INPUT_FILE = "input.nrrd"
 LABELS_FILE = "labels.nrrd"
 UNCERTAINTY_FILE = "uncertainty.nrrd"
 COLOR_NODE_NAME = "HSAM uncertainty"
@@ -67,13 +66,7 @@ class HSAMSuggestLogic:
     def startPrediction(self, volumeNode, modelPath, signal: Optional[str] = None, device: str = "auto",
                         batchSize: int = 4) -> WorkerJob:
         """Start ``hsam segment --uncertainty`` on ``volumeNode`` (read here, on the main thread) in a worker."""
-        volume = mrml.volume_from_node(volumeNode)
-        job = WorkerJob(self.python, "hsam-suggest")
-        try:
-            write_volume(job.folder / INPUT_FILE, volume)
-        except BaseException:
-            job.cleanup()
-            raise
+        job = job_with_volume(self.python, "hsam-suggest", volumeNode)
         arguments = [
             "segment", job.folder / INPUT_FILE, "--model", Path(modelPath).resolve(), "--output", job.folder / LABELS_FILE,
             "--uncertainty", job.folder / UNCERTAINTY_FILE, "--device", device, "--batch-size", int(batchSize),
