@@ -188,7 +188,7 @@ def test_truncated_and_wrong_preset_bundles_are_refused(files, tmp_path, capsys)
 
 
 def test_ctrl_c_exits_130_and_writes_nothing(files, tmp_path):
-    image, _ = phantom_arrays((400, 40, 48), label_values=(1,))
+    image, _ = phantom_arrays((2000, 40, 48), label_values=(1,))  # long enough to be interrupted on a fast CPU
     volume = _write_image(tmp_path / "long.nrrd", image)
     output = tmp_path / "out.seg.nrrd"
     process = subprocess.Popen(
