@@ -188,13 +188,15 @@ def test_truncated_and_wrong_preset_bundles_are_refused(files, tmp_path, capsys)
 
 
 def test_ctrl_c_exits_130_and_writes_nothing(files, tmp_path):
-    image, _ = phantom_arrays((2000, 40, 48), label_values=(1,))  # long enough to be interrupted on a fast CPU
+    image, _ = phantom_arrays((400, 40, 48), label_values=(1,))
     volume = _write_image(tmp_path / "long.nrrd", image)
     output = tmp_path / "out.seg.nrrd"
     process = subprocess.Popen(
         [sys.executable, "-m", "hsam", "segment", str(volume), "-m", str(files["model"]), "-o", str(output),
          "--device", "cpu", "--precision", "fp32", "--batch-size", "1"],
         stderr=subprocess.PIPE,
+        # a shell's background job starts with SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = bytearray()
     reader = threading.Thread(target=lambda: [seen.extend(byte) for byte in iter(lambda: process.stderr.read(1), b"")],
