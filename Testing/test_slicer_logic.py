@@ -502,3 +502,13 @@ def test_training_pairs_follow_the_scene(scene, volume_node, labels_and_segments
     assert pairs.cohort(scene, other_volume, first) == [(other_volume, first)]
     with pytest.raises(InputError, match="select a volume"):
         pairs.add(None, first)
+
+
+def test_a_cohort_refuses_a_segment_annotated_in_no_pair(scene, volume_node, labels_and_segments):
+    labels, segments = labels_and_segments  # spleen (7) is painted nowhere
+    other_volume = add_volume(scene, np.zeros(SHAPE, np.int16), np.eye(4), name="CT 2")
+    pairs = [(volume_node, mrml.labels_to_segmentation(labels, segments, volume_node)),
+             (other_volume, mrml.labels_to_segmentation(np.where(labels == 5, 0, labels), segments[:1], other_volume))]
+    with pytest.raises(InputError, match="without any annotated slice: spleen$"):
+        HSAMTrainingLogic().prepareCohort(pairs)
+    assert len(HSAMTrainingLogic().prepareCohort([pairs[1]])) == 1  # kidney missing from this pair only is fine
