@@ -10,6 +10,7 @@ Each slice independently gets one of (fresh uniform draw per branch, as the auth
   ``sigma = 0.08·W``);
 * else (≈ 0.02): unchanged.
 
+An image may carry extra channels, (C, H, W) (guided mode's prior logits), transformed with it.
 Labels are always resampled by nearest neighbour. The authors' elastic branch interpolated labels
 bilinearly (fractional labels at borders, truncated to the lower class); that is not reproduced.
 Their rotation also uses nearest neighbour for the image; that is the default here
@@ -51,22 +52,27 @@ def _pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
     return torch.stack([xs, ys], dim=-1)
 
 
+def _channels(image: Tensor) -> Tensor:
+    """(H, W) or (C, H, W) -> (1, C, H, W)."""
+    return image.reshape(1, -1, *image.shape[-2:])
+
+
 def _sample(image: Tensor, label: Tensor, pixels: Tensor, image_mode: str, padding: str) -> tuple[Tensor, Tensor]:
-    """Resample one (H, W) slice at (H, W, 2) pixel coordinates (x, y): the image with
+    """Resample one (H, W) or (C, H, W) slice at (H, W, 2) pixel coordinates (x, y): the image with
     ``image_mode``, the label by nearest neighbour."""
-    h, w = image.shape
+    h, w = image.shape[-2:]
     scale = torch.tensor([2.0 / w, 2.0 / h], device=pixels.device)
     grid = ((pixels + 0.5) * scale - 1.0)[None]  # align_corners=False convention
-    out_image = F.grid_sample(image[None, None], grid, mode=image_mode, padding_mode=padding, align_corners=False)
+    out_image = F.grid_sample(_channels(image), grid, mode=image_mode, padding_mode=padding, align_corners=False)
     out_label = F.grid_sample(
         label[None, None].float(), grid, mode="nearest", padding_mode=padding, align_corners=False
     )
-    return out_image[0, 0], out_label[0, 0].round().to(label.dtype)
+    return out_image.reshape(image.shape), out_label[0, 0].round().to(label.dtype)
 
 
 def rotate(image: Tensor, label: Tensor, angle_degrees: float, image_mode: str = "nearest") -> tuple[Tensor, Tensor]:
-    """Rotate one (H, W) slice about its centre, same size, zeros outside."""
-    h, w = image.shape
+    """Rotate one (H, W) or (C, H, W) slice about its centre, same size, zeros outside."""
+    h, w = image.shape[-2:]
     centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=image.device)
     theta = math.radians(angle_degrees)
     cos, sin = math.cos(theta), math.sin(theta)
@@ -76,14 +82,15 @@ def rotate(image: Tensor, label: Tensor, angle_degrees: float, image_mode: str =
 
 
 def crop_and_zoom(image: Tensor, label: Tensor, top: int, left: int, side_h: int, side_w: int) -> tuple[Tensor, Tensor]:
-    """Crop one (H, W) slice and zoom it back to (H, W): bicubic image, nearest label."""
-    h, w = image.shape
-    image_crop = image[top : top + side_h, left : left + side_w]
+    """Crop one (H, W) or (C, H, W) slice and zoom it back to (H, W): bicubic image (kept within each
+    channel's range), nearest label."""
+    h, w = image.shape[-2:]
+    image_crop = _channels(image[..., top : top + side_h, left : left + side_w])
     label_crop = label[top : top + side_h, left : left + side_w]
-    zoomed = F.interpolate(image_crop[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]
-    lo, hi = image_crop.min(), image_crop.max()
+    zoomed = F.interpolate(image_crop, size=(h, w), mode="bicubic", align_corners=False)
+    lo, hi = image_crop.amin(dim=(2, 3), keepdim=True), image_crop.amax(dim=(2, 3), keepdim=True)
     zoomed_label = F.interpolate(label_crop[None, None].float(), size=(h, w), mode="nearest")[0, 0]
-    return zoomed.clamp(lo, hi), zoomed_label.to(label.dtype)
+    return torch.maximum(torch.minimum(zoomed, hi), lo).reshape(image.shape), zoomed_label.to(label.dtype)
 
 
 def gaussian_blur(field: Tensor, sigma: float) -> Tensor:
@@ -106,8 +113,8 @@ def gaussian_blur(field: Tensor, sigma: float) -> Tensor:
 def elastic(
     image: Tensor, label: Tensor, generator: torch.Generator, image_mode: str = "bilinear"
 ) -> tuple[Tensor, Tensor]:
-    """Elastic deformation of one (H, W) slice: random affine then smooth random displacement."""
-    h, w = image.shape
+    """Elastic deformation of one (H, W) or (C, H, W) slice: random affine then smooth random displacement."""
+    h, w = image.shape[-2:]
     alpha, sigma, alpha_affine = ELASTIC_ALPHA * w, ELASTIC_SIGMA * w, ELASTIC_ALPHA_AFFINE * w
     device = image.device
 
@@ -147,7 +154,7 @@ class RandomAugmentation:
             angle = _randint(g, -MAX_ANGLE, MAX_ANGLE)
             return rotate(image, label, angle, self.rotation_image_mode)
         if float(_uniform(g, 1)) > CROP_THRESHOLD:
-            h, w = image.shape
+            h, w = image.shape[-2:]
             scale = CROP_RATIO[0] + float(_uniform(g, 1)) * (CROP_RATIO[1] - CROP_RATIO[0])
             side_h, side_w = max(1, int(h * scale)), max(1, int(w * scale))
             top, left = _randint(g, 0, h - side_h), _randint(g, 0, w - side_w)
@@ -157,6 +164,6 @@ class RandomAugmentation:
         return image, label
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """images: (N, H, W) float; labels: (N, H, W) integer -> augmented copies, same shapes."""
+        """images: (N, H, W) or (N, C, H, W) float; labels: (N, H, W) integer -> augmented copies, same shapes."""
         pairs = [self.augment_slice(image, label) for image, label in zip(images, labels)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

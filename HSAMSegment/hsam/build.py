@@ -5,6 +5,7 @@ from typing import Union
 
 import torch
 
+from .modeling.guidance import PriorGuidance
 from .modeling.hierarchical_decoder import HierarchicalDecoder
 from .modeling.image_encoder import ImageEncoder
 from .modeling.hsam import HSAM
@@ -20,11 +21,13 @@ def build_hsam(
     cmattn: str = "reference",
     lora_rank: int = 5,
     embedding_noise: float = 0.2,
+    guided: bool = False,
 ) -> HSAM:
     """Build an H-SAM with randomly initialised weights (load SAM or HSAM weights afterwards).
 
     preset: a name of PRESETS or a custom Preset; img_size: input side S, 224 and 512 as the authors
-    build them, 256 and 1024 (SAM's native size) too.
+    build them, 256 and 1024 (SAM's native size) too. guided: add the prior encoder and correction
+    gates of guided mode (``hsam.modeling.guidance``).
     """
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -53,7 +56,8 @@ def build_hsam(
     hierarchical_decoder = HierarchicalDecoder(
         p.decoder_dim, num_classes, grid, cmattn=cmattn, num_heads=p.decoder_heads, mlp_dim=p.decoder_mlp_dim
     )
-    return HSAM(image_encoder, prompt_encoder, mask_decoder, hierarchical_decoder, lora_rank, embedding_noise)
+    guidance = PriorGuidance(num_classes, p.decoder_dim) if guided else None
+    return HSAM(image_encoder, prompt_encoder, mask_decoder, hierarchical_decoder, lora_rank, embedding_noise, guidance)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

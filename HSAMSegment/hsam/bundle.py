@@ -30,6 +30,7 @@ from .presets import (
     MAX_LABEL_VALUE,
     MAX_LORA_RANK,
     PRESETS,
+    PRIOR_KINDS,
     SLICE_AXES,
     SUPPORTED_IMG_SIZES,
 )
@@ -61,7 +62,13 @@ def default_color(index: int) -> tuple[float, float, float]:
 
 @dataclass
 class BundleMetadata:
-    """What a model needs to be used correctly: classes, preprocessing, provenance."""
+    """What a model needs to be used correctly: classes, preprocessing, provenance. ``guidance``:
+    None for a prompt-free model; for a guided one {"prior": a PRIOR_KINDS name it learned with,
+    "prompt_dropout": the share of training steps run prompt-free}."""
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance is not None
 
     preset: str
     img_size: int
@@ -75,6 +82,7 @@ class BundleMetadata:
     cmattn: str = "reference"
     lora_rank: int = 5
     base_checkpoint: Optional[dict] = None
+    guidance: Optional[dict] = None
     training: dict = field(default_factory=dict)
     hsam_version: str = __version__
     format_version: int = FORMAT_VERSION
@@ -153,6 +161,15 @@ def _check_base_checkpoint(value: object) -> None:
     )
 
 
+def _check_guidance(value: object) -> None:
+    if value is None:
+        return
+    _require(isinstance(value, dict) and value.get("prior") in PRIOR_KINDS,
+             f"guidance must name a prior, one of {', '.join(PRIOR_KINDS)}")
+    dropout = value.get("prompt_dropout", 0.0)
+    _require(_is_number(dropout) and 0 <= dropout <= 1, "guidance prompt_dropout must be from 0 to 1")
+
+
 REQUIRED_FIELDS = ("preset", "img_size", "num_classes", "class_names", "class_colors", "label_values", "preprocessing")
 
 
@@ -183,6 +200,7 @@ def validate_metadata(data: object) -> None:
     rank = data.get("lora_rank", 5)
     _require(_is_int(rank) and 1 <= rank <= MAX_LORA_RANK, f"lora_rank must be an integer from 1 to {MAX_LORA_RANK}")
     _check_base_checkpoint(data.get("base_checkpoint"))
+    _check_guidance(data.get("guidance"))
     _require(isinstance(data.get("training", {}), dict), "training must be an object")
     _require(isinstance(data.get("hsam_version", ""), str), "hsam_version must be a string")
 
@@ -267,7 +285,8 @@ def check_stored_tensors(header: SafetensorsHeader, metadata: BundleMetadata, na
     from .build import build_hsam
 
     with torch.device("meta"):
-        skeleton = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank)
+        skeleton = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn,
+                              metadata.lora_rank, guided=metadata.guided)
     expected = {k: tuple(v.shape) for k, v in _stored_state(skeleton, full=metadata.base_checkpoint is None).items()}
     stored = {k: t.shape for k, t in header.tensors.items()}
     missing = sorted(set(expected) - set(stored))
@@ -305,7 +324,8 @@ def load_bundle(
         raise CheckpointError(f"{name} segments {metadata.num_classes} classes, not {expected_num_classes}")
     check_stored_tensors(header, metadata, name)
     sam_weights = find_sam_checkpoint(metadata.preset, sam_checkpoint) if metadata.base_checkpoint else None
-    model = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank)
+    model = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn, metadata.lora_rank,
+                       guided=metadata.guided)
     if sam_weights is not None:
         load_sam_weights(model, sam_weights, metadata.preset)
     try:

@@ -86,6 +86,8 @@ def load_sam_weights(model: HSAM, sam_state: Union[PathLike, dict], preset: Unio
         )
     loaded = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loaded, strict=False)
+    if model.guidance is not None:
+        model.guidance.prior_encoder.initialise_from(model.prompt_encoder.mask_downscaling)
     return sorted(loaded)
 
 

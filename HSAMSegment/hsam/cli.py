@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 from . import __version__
 from .errors import HSAMError, HSAMWarning, InputError, printable
 from .files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
+from .presets import DEFAULT_PRIOR, PRIOR_KINDS
 from .progress import JsonProgress
 
 if TYPE_CHECKING:
@@ -91,16 +93,36 @@ def _check_input(path: Optional[str], what: str) -> None:
 
 class _ProgressBar:
     """A tqdm bar driven by ``(fraction, message)`` callbacks, shown from the first callback on (an
-    early error stays a single line); silent when ``enabled`` is False."""
+    early error stays a single line); silent when ``enabled`` is False. When stderr is not a terminal
+    (logs, CI), a line per phase and at most one every ``LOG_INTERVAL`` seconds instead."""
 
     STEPS = 1000
+    LOG_INTERVAL = 10.0
 
     def __init__(self, description: str, enabled: bool = True) -> None:
         self._description = description
         self._enabled = enabled
         self._bar = None
+        self._lines = not sys.stderr.isatty()
+        self._last_line = -math.inf
+        self._phase: Optional[str] = None  # shown once the phase reports progress or ends well
+
+    def _line(self, text: str) -> None:
+        if self._enabled:
+            print(f"{self._description}: {text}", file=sys.stderr, flush=True)
+            self._last_line = time.monotonic()
+
+    def _show_phase(self) -> None:
+        if self._phase is not None:
+            self._line(self._phase)
+            self._phase = None
 
     def __call__(self, fraction: float, message: str, **details) -> None:
+        if self._lines:
+            self._show_phase()
+            if time.monotonic() - self._last_line >= self.LOG_INTERVAL or fraction >= 1.0:
+                self._line(f"{fraction:4.0%} {message}")
+            return
         if self._bar is None:
             from tqdm import tqdm
 
@@ -112,14 +134,19 @@ class _ProgressBar:
         self._bar.set_postfix_str(message, refresh=True)
 
     def start(self, phase: str, message: str) -> None:
-        """A new step of the command; the bar shows it with the next callback."""
+        """A new step of the command; the bar shows it with the next callback, a log as a line."""
+        if self._lines:
+            self._show_phase()
+            self._phase = message
 
     def __enter__(self) -> "_ProgressBar":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+        if exc_type is None:
+            self._show_phase()
 
 
 def _progress(args: argparse.Namespace, description: str, phase: str, enabled: bool = True):
@@ -169,9 +196,11 @@ def _segment(args: argparse.Namespace) -> None:
     uncertainty = Path(args.uncertainty) if args.uncertainty is not None else None
     if uncertainty is not None:
         _check_uncertainty_output(uncertainty, args.overwrite)
-    for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
+    for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint"),
+                       (args.annotations, "annotations")):
         _check_input(path, what)
-    check_distinct([output, probabilities, *_uncertainty_files(uncertainty)], [args.volume, args.model, args.sam_checkpoint])
+    check_distinct([output, probabilities, *_uncertainty_files(uncertainty)],
+                   [args.volume, args.model, args.sam_checkpoint, args.annotations])
     # the labels and the probabilities, or neither
     with Outputs(args.overwrite) as outputs, _progress(args, "segmenting", "load") as bar:
         outputs.claim([output, probabilities, *_uncertainty_files(uncertainty)])
@@ -208,9 +237,13 @@ def _segment_volume(
     from .bundle import read_bundle_metadata
     from .io import read_volume
 
-    read_bundle_metadata(args.model)  # a bad model file is refused before the volume is read
+    metadata = read_bundle_metadata(args.model)  # a bad model file is refused before the volume is read
+    if args.annotations is not None and not metadata.guided:
+        raise InputError(f"{Path(args.model).name} is a prompt-free model: --annotations needs a model "
+                         "fine-tuned with --guided")
     bar.start("load", f"loading {Path(args.volume).name} and {Path(args.model).name}")
     volume = read_volume(args.volume, series=args.series)
+    annotations = _read_annotations(args.annotations, volume, metadata, args.model) if args.annotations else None
 
     from .bundle import load_bundle
     from .inference import describe_device, resolve_precision, segment_volume, select_device
@@ -224,11 +257,24 @@ def _segment_volume(
         model, volume, metadata, device=device, batch_size=args.batch_size, precision=args.precision,
         slice_range=args.slices, progress=bar, return_probabilities=probabilities,
         largest_component=args.largest_component,
-        uncertainty=args.uncertainty_signal if args.uncertainty is not None else None,
+        uncertainty=args.uncertainty_signal if args.uncertainty is not None else None, annotations=annotations,
     )
-    summary = (f"{Path(args.model).name} ({metadata.preset}; {printable(', '.join(metadata.class_names))}) in "
-               f"{time.monotonic() - started:.1f} s on {describe_device(device)}")
+    mode = "guided by the annotations" if annotations is not None else "prompt-free"
+    summary = (f"{Path(args.model).name} ({metadata.preset}, {mode}; {printable(', '.join(metadata.class_names))}) "
+               f"in {time.monotonic() - started:.1f} s on {describe_device(device)}")
     return volume, metadata, result, summary
+
+
+def _read_annotations(path: str, volume, metadata: BundleMetadata, model_path: str):
+    """The annotation labelmap on the volume's grid, in the model's label values (segments matched
+    by name, as when continuing a model; see ``hsam.continuation``)."""
+    from .continuation import align_to_base
+    from .io import read_labelmap
+
+    labels, segments = read_labelmap(path, reference=volume)
+    if not labels.any():
+        raise InputError(f"{printable(Path(path).name)} has no annotated slice")
+    return align_to_base(labels, segments, metadata, Path(model_path).name)[0]
 
 
 def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) -> None:
@@ -317,10 +363,14 @@ def _finetune(args: argparse.Namespace) -> None:
     output = Path(args.output)
     _check_output(output, args.overwrite, (".hsam",), "model file")
     listed = cases_from_arguments(args.inputs, args.manifest, ("image", "labels"))
+    if args.preview is not None:
+        _check_output(Path(args.preview), True, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "preview")
+        if len(listed) != 1:
+            raise InputError("--preview segments the training volume: give one volume")
     for what, path in (("SAM checkpoint", args.sam_checkpoint), ("base model", args.base_model)):
         _check_input(path, what)
     files = [path for case in listed for path in (case.first, case.second)]
-    check_distinct([output], [*files, args.sam_checkpoint, args.base_model])
+    check_distinct([output, args.preview], [*files, args.sam_checkpoint, args.base_model])
     from .bundle import read_bundle_metadata
     from .io import read_labelmap, read_volume
 
@@ -364,11 +414,13 @@ def _finetune(args: argparse.Namespace) -> None:
         precision=args.precision,
         gradient_checkpointing=args.checkpointing,
         validation_volumes=args.validation_volumes,
+        guidance=args.guided,
     )
     main_process = is_main_process()
     with Outputs(args.overwrite) as outputs, _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
         if main_process:
             outputs.claim([output])
+        preview = _PreviewWriter(Path(args.preview), cases[0], args.preview_interval, bar) if args.preview else None
 
         def on_step(p) -> None:
             dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
@@ -377,7 +429,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
         volumes = cases[0].name if len(cases) == 1 else f"{len(cases)} volumes"
         bar.start("train", f"fine-tuning {config.preset} on {volumes}")
-        result = finetune_cohort(cases, config, progress=on_step)
+        result = finetune_cohort(cases, config, progress=on_step, preview=preview)
         if main_process:
             bar.start("save", f"saving {output.name}")
             save_bundle(output, result.model, result.metadata, outputs=outputs)
@@ -389,6 +441,31 @@ def _finetune(args: argparse.Namespace) -> None:
             bar.result(summary, output=output)
         else:
             print(f"{summary}; saved {output}")
+
+
+class _PreviewWriter:
+    """Segments the training volume with the model in training (guided: from its annotations) and
+    replaces ``path``, before the first step and then at most every ``interval`` seconds."""
+
+    def __init__(self, path: Path, case, interval: float, bar) -> None:
+        self.path, self.case, self.interval, self.bar = path, case, interval, bar
+        self.last = -math.inf
+
+    def __call__(self, model, metadata: BundleMetadata) -> None:
+        if time.monotonic() - self.last < self.interval:
+            return
+        from .continuation import align_to_base
+        from .inference import segment_volume
+        from .io import write_output
+
+        labels, segments = align_to_base(self.case.labels, self.case.segments, metadata, self.path.name)
+        annotations = labels if metadata.guided else None
+        device = next(model.parameters()).device
+        result = segment_volume(model, self.case.volume, metadata, device=device, annotations=annotations)
+        write_output(self.path, result.labels, self.case.volume, segments, overwrite=True)
+        self.last = time.monotonic()
+        if isinstance(self.bar, JsonProgress):
+            self.bar.emit("preview", f"preview written: {self.path.name}", output=self.path)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -483,6 +560,10 @@ def _info_bundle(path: Path) -> None:
     print(f"slice axis:   {metadata.slice_axis}; preprocessing {json.dumps(metadata.preprocessing)}")
     print("base weights: " + (f"{printable(base['name'])} (sha256 {base['sha256'][:12]}…)" if base
                               else "none (trained from scratch)"))
+    guidance = metadata.guidance
+    print("mode:         " + (f"guided (prior: {guidance['prior']}; prompt-free on "
+                              f"{guidance.get('prompt_dropout', 0):.0%} of the training steps)" if guidance
+                              else "prompt-free"))
     print("classes:")
     for name, value, color, term in zip(
         metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
@@ -597,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the model's per-voxel uncertainty (0–1, float) on the volume's grid (.nrrd, "
                    ".nii.gz, .nii, .mha) and its per-slice scores in a CSV beside it (FILE with .csv)")
     uncertainty_signal_option(p, "--uncertainty-signal")
+    p.add_argument("--annotations", metavar="LABELS",
+                   help="guided models: this volume's annotated slices (.seg.nrrd or labelmap on its grid, segments "
+                   "named as the model's classes); they are interpolated into the prior the model corrects, and kept "
+                   "exactly as drawn. Without it a guided model runs prompt-free")
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -672,6 +757,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the image encoder: less memory, more time "
                    "(default: on for vit_* on CUDA)")
+    p.add_argument("--guided", nargs="?", const=DEFAULT_PRIOR, choices=PRIOR_KINDS, metavar="PRIOR",
+                   help="guided mode: each annotated slice is learned from the interpolation of the others (the "
+                   f"prior: {', '.join(PRIOR_KINDS)}; default {DEFAULT_PRIOR}), so that `hsam segment --annotations` "
+                   "corrects the interpolation of the user's slices; the model also runs prompt-free. Needs at "
+                   "least two annotated slices per volume")
+    p.add_argument("--preview", metavar="FILE",
+                   help="one volume: also segment it with the model in training, before the first step (a guided "
+                   "model gives its prior) and then every --preview-interval seconds, replacing FILE (.seg.nrrd or "
+                   "a labelmap); --progress json reports each as a \"preview\" event")
+    p.add_argument("--preview-interval", type=_positive(float), default=30.0, metavar="SECONDS",
+                   help="seconds between previews (default: 30)")
     seed_option(p)
     cmattn_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")

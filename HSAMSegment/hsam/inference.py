@@ -19,6 +19,7 @@ import torch
 
 from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
 from .errors import Cancelled, HSAMError, InputError
+from .guidance.priors import SlicePrior, annotated_slices, volume_class_labels
 from .modeling.hsam import HSAM
 from .modeling.image_encoder import release_scratch_buffer
 from .preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
@@ -160,20 +161,28 @@ def _label_dtype(label_values: list[int]) -> np.dtype:
 
 
 def _forward(
-    model: HSAM, slices: torch.Tensor, autocast_dtype: Optional[torch.dtype], uncertainty: Optional[str] = None
+    model: HSAM,
+    slices: torch.Tensor,
+    autocast_dtype: Optional[torch.dtype],
+    uncertainty: Optional[str] = None,
+    prior: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """slices: (B, H, W) in [0, 1] on the model's device -> (float32 logits (B, C+1, H, W), the
-    ``uncertainty`` signal (B, H, W) or None)."""
+    ``uncertainty`` signal (B, H, W) or None). prior: (B, C+1, H, W) prior logits on the slices' grid
+    (guided mode): the logits are then the prior plus the model's correction, resized to the grid."""
     images = slices_to_model_input(slices, model.img_size)
+    size = tuple(slices.shape[-2:])
+    model_prior = None if prior is None else logits_to_grid(prior, (model.img_size, model.img_size))
     device_type = slices.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
-        output = model(images)
-    size = tuple(slices.shape[-2:])
+        output = model(images, prior=model_prior)
     voxels = None
     if uncertainty is not None:
         voxels = voxel_uncertainty(*stage_logits_on_grid(output.stage1_logits, output.stage2_logits, size), uncertainty)
-    return logits_to_grid(output.masks.float(), size), voxels
+    if prior is None:
+        return logits_to_grid(output.masks.float(), size), voxels
+    return prior + logits_to_grid(output.correction.float(), size), voxels
 
 
 def class_indices(logits: torch.Tensor) -> torch.Tensor:
@@ -204,6 +213,34 @@ def keep_largest_components(labels: np.ndarray, label_values: list[int], cancel=
         labels[mask & ~largest] = 0
 
 
+class _AnnotationGuide:
+    """The prior of every slice from the annotated ones, along axis 0 of ``class_labels``."""
+
+    def __init__(self, class_labels: np.ndarray, num_classes: int, kind: str) -> None:
+        self.annotated = annotated_slices(class_labels, 0)
+        self.prior = SlicePrior(class_labels, self.annotated, num_classes, kind)
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        """(stop − start, K+1, H, W) prior logits."""
+        return torch.from_numpy(np.stack([self.prior.logits(i) for i in range(start, stop)]))
+
+    def keep_annotated(self, labels: np.ndarray, annotations: np.ndarray) -> None:
+        """The annotated slices of ``labels`` (slices on axis 0) set to ``annotations``'."""
+        labels[self.annotated] = annotations[self.annotated]
+
+
+def _annotation_prior(model: HSAM, metadata, annotations: Optional[np.ndarray], shape: tuple, axis: int):
+    if annotations is None:
+        return None
+    if not metadata.guided or not model.guided:
+        raise InputError("this model is prompt-free: fine-tune a guided model (hsam finetune --guided) to use annotations")
+    annotations = np.asarray(annotations)
+    if annotations.shape != shape:
+        raise InputError(f"the annotations' grid {annotations.shape} differs from the volume's {shape}")
+    class_labels = np.moveaxis(volume_class_labels(annotations, metadata.label_values), axis, 0)
+    return _AnnotationGuide(class_labels, metadata.num_classes, metadata.guidance["prior"])
+
+
 def segment_volume(
     model: HSAM,
     volume,
@@ -218,6 +255,7 @@ def segment_volume(
     return_probabilities: bool = False,
     largest_component: bool = False,
     uncertainty: Optional[str] = None,
+    annotations: Optional[np.ndarray] = None,
 ) -> SegmentationResult:
     """Segment ``volume`` (an ``hsam.io.Volume``) with ``model`` and its ``BundleMetadata``.
 
@@ -228,6 +266,9 @@ def segment_volume(
     each one and raises ``Cancelled``. ``largest_component`` keeps each label's largest 3D
     connected component (probabilities are left as predicted). ``uncertainty``: a signal of
     ``hsam.uncertainty.SIGNALS`` to also return the uncertainty map and per-slice scores.
+    ``annotations``: a labelmap of the model's label values on the volume's grid, for guided models:
+    its annotated slices (any label along the model's axis) are interpolated into the prior the model
+    corrects, and come out exactly as drawn. A guided model without annotations runs prompt-free.
     """
     array = np.asarray(volume.array)
     _check_volume(array)
@@ -243,6 +284,7 @@ def segment_volume(
     axis = SLICE_AXES[metadata.slice_axis]
     start, stop = _slice_bounds(slice_range, array.shape[axis])
     report = progress or (lambda fraction, message: None)
+    guide = _annotation_prior(model, metadata, annotations, array.shape, axis)
 
     lookup = np.array([0, *metadata.label_values], dtype=_label_dtype(metadata.label_values))
     labels = np.zeros(array.shape, dtype=lookup.dtype)
@@ -270,8 +312,9 @@ def segment_volume(
                     raise Cancelled("segmentation cancelled")
                 end = min(index + batch, stop)
                 slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
+                prior = None if guide is None else guide.batch(index, end).to(torch_device)
                 try:
-                    logits, voxels = _forward(model, slices.to(torch_device), autocast_dtype, uncertainty)
+                    logits, voxels = _forward(model, slices.to(torch_device), autocast_dtype, uncertainty, prior)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not is_out_of_memory(e):
                         raise
@@ -302,6 +345,8 @@ def segment_volume(
 
     if largest_component:
         keep_largest_components(labels, metadata.label_values, cancel)
+    if guide is not None:
+        guide.keep_annotated(labels_slices, np.moveaxis(annotations, axis, 0))
     scores = None
     if uncertainty_map is not None:
         scores = slice_scores(uncertainty_map, axis)

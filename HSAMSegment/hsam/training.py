@@ -50,11 +50,13 @@ from .checkpoint import load_sam_weights
 from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
 from .files import write_bytes_atomic
+from .guidance.augment import perturb_priors
+from .guidance.priors import SlicePrior, annotated_slices
 from .inference import resolve_precision, select_device
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
-from .presets import MAX_CLASSES, MAX_LABEL_VALUE
+from .presets import MAX_CLASSES, MAX_LABEL_VALUE, PRIOR_KINDS
 from .sam_weights import SAM_CHECKPOINTS, cached_sha256, identify_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -69,6 +71,7 @@ WEIGHT_DECAY = 0.1
 POLY_POWER = 0.9
 REFERENCE_WARMUP = 250
 WARMUP_FRACTION = 0.1
+DEFAULT_PROMPT_DROPOUT = 0.2
 VALIDATION_FRACTION = 0.15
 MIN_SLICES_FOR_VALIDATION = 6
 STATE_KEY = "hsam_training_state"
@@ -86,7 +89,9 @@ class FinetuneConfig:
     unsupported) on CUDA, float32 elsewhere. ``gradient_checkpointing``: recompute the image encoder's
     activations in the backward pass (less memory, ~30 % more time); None = on for vit_* on CUDA.
     ``validation_volumes``: in a cohort, hold out the last N volumes whole for validation instead of
-    ~15 % of the slices."""
+    ~15 % of the slices. ``guidance``: train a guided model with priors of this kind
+    (``hsam.guidance.priors``; a guided base model keeps its own); ``prompt_dropout``: the share of
+    its steps run prompt-free, so that it also segments without annotations."""
 
     preset: str = "tiny"
     sam_checkpoint: Optional[PathLike] = None
@@ -111,6 +116,11 @@ class FinetuneConfig:
     resume: Optional[PathLike] = None
     precision: str = "auto"
     gradient_checkpointing: Optional[bool] = None
+    guidance: Optional[str] = None
+    prompt_dropout: float = DEFAULT_PROMPT_DROPOUT
+
+
+Preview = Callable[[HSAM, BundleMetadata], None]
 
 
 @dataclass
@@ -156,13 +166,6 @@ class FinetuneResult:
     def save_training_state(self, path: PathLike) -> Path:
         """Write the state at the end of the run (last, not best, weights) for ``FinetuneConfig.resume``."""
         return save_training_state(path, self.state)
-
-
-def annotated_slices(labels: np.ndarray, axis: Union[int, str] = 0) -> list[int]:
-    """Indices of the slices along ``axis`` (0 = axial for (z, y, x) arrays) carrying any label."""
-    axis = SLICE_AXES[axis] if isinstance(axis, str) else axis
-    other = tuple(a for a in range(labels.ndim) if a != axis)
-    return np.flatnonzero(np.any(labels != 0, axis=other)).tolist()
 
 
 def is_main_process() -> bool:
@@ -336,22 +339,26 @@ class _Model:
     base_checkpoint: Optional[dict]
     base_bundle: Optional[str]
     preprocessing: Optional[dict]
+    guidance: Optional[str]  # the prior kind of a guided model
 
 
 def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
     if config.base_bundle is not None:
+        name = Path(config.base_bundle).name
         model, meta = load_bundle(config.base_bundle, sam_checkpoint=config.sam_checkpoint)
         if meta.num_classes != num_classes:
-            raise InputError(
-                f"{Path(config.base_bundle).name} segments {meta.num_classes} classes, the labelmap {num_classes}"
-            )
+            raise InputError(f"{name} segments {meta.num_classes} classes, the labelmap {num_classes}")
         if config.img_size is not None and config.img_size != meta.img_size:
-            raise InputError(f"{Path(config.base_bundle).name} works at {meta.img_size}px, not {config.img_size}px")
-        return _Model(model, meta.preset, meta.base_checkpoint, Path(config.base_bundle).name, meta.preprocessing)
+            raise InputError(f"{name} works at {meta.img_size}px, not {config.img_size}px")
+        if config.guidance is not None and not meta.guided:
+            raise InputError(f"{name} is a prompt-free model: guided training starts from a guided model or anew")
+        guidance = config.guidance or (meta.guidance["prior"] if meta.guided else None)
+        return _Model(model, meta.preset, meta.base_checkpoint, name, meta.preprocessing, guidance)
 
     img_size = config.img_size or DEFAULT_IMG_SIZE.get(config.preset, FALLBACK_IMG_SIZE)
     try:
-        model = build_hsam(config.preset, num_classes, img_size, config.cmattn, config.lora_rank)
+        model = build_hsam(config.preset, num_classes, img_size, config.cmattn, config.lora_rank,
+                           guided=config.guidance is not None)
     except ValueError as e:
         raise InputError(str(e)) from e
     base = None
@@ -365,7 +372,7 @@ def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
             raise CheckpointError(f"{path.name} is not the official SAM {config.preset} file")
         load_sam_weights(model, path, config.preset)
         base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": cached_sha256(path)}
-    return _Model(model, config.preset, base, None, None)
+    return _Model(model, config.preset, base, None, None, config.guidance)
 
 
 def _trainable_state(model: HSAM) -> dict[str, torch.Tensor]:
@@ -488,14 +495,17 @@ def _class_dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int
 
 @torch.no_grad()
 def _validate(
-    model: HSAM, images: torch.Tensor, targets: torch.Tensor, device: torch.device, batch_size: int
+    model: HSAM, images: torch.Tensor, targets: torch.Tensor, device: torch.device, batch_size: int,
+    priors: Optional[torch.Tensor] = None,
 ) -> list[Optional[float]]:
-    """Per-class Dice of the model on the validation slices (see ``_class_dice``)."""
+    """Per-class Dice of the model on the validation slices (see ``_class_dice``), guided by
+    ``priors`` when given."""
     model.eval()
     predictions = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
-        predictions.append(model(batch[:, None].expand(-1, 3, -1, -1)).masks.argmax(1).cpu())
+        prior = priors[start : start + batch_size].to(device) if priors is not None else None
+        predictions.append(model(batch[:, None].expand(-1, 3, -1, -1), prior=prior).masks.argmax(1).cpu())
     model.train()
     return _class_dice(torch.cat(predictions), targets, model.num_classes)
 
@@ -513,6 +523,7 @@ def finetune(
     config: Optional[FinetuneConfig] = None,
     progress: Optional[Callable[[TrainingProgress], None]] = None,
     cancel: Optional[threading.Event] = None,
+    preview: Optional[Preview] = None,
 ) -> FinetuneResult:
     """Fine-tune H-SAM on the annotated slices of ``volume`` (an ``hsam.io.Volume``).
 
@@ -520,11 +531,12 @@ def finetune(
     ``segments``, each an ``hsam.io.Segment``; without segments, every non-zero value is a class).
     Class ``k`` of the model stands for the ``k``-th segment's label value. Nothing is written; save
     the returned model with ``hsam.bundle.save_bundle``. Raises InputError for unusable input and
-    Cancelled when ``cancel`` is set.
+    Cancelled when ``cancel`` is set. ``preview(model, metadata)`` is called before the first step
+    and after every epoch with the model as it is (a guided model's first one returns its prior).
     """
     config = config or FinetuneConfig()
     case = TrainingCase(volume, np.asarray(labels), segments, config.slices)
-    return finetune_cohort([case], config, progress, cancel)
+    return finetune_cohort([case], config, progress, cancel, preview)
 
 
 def finetune_cohort(
@@ -532,6 +544,7 @@ def finetune_cohort(
     config: Optional[FinetuneConfig] = None,
     progress: Optional[Callable[[TrainingProgress], None]] = None,
     cancel: Optional[threading.Event] = None,
+    preview: Optional[Preview] = None,
 ) -> FinetuneResult:
     """Fine-tune H-SAM on the annotated slices of several volumes (see ``TrainingCase``); a case's
     ``slices`` default to ``config.slices``, then to its labelled slices. Otherwise as ``finetune``."""
@@ -559,7 +572,7 @@ def finetune_cohort(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         ddp = _start_distributed(device)
         try:
-            return _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel)
+            return _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel, preview)
         finally:
             if ddp.created_group:
                 dist.destroy_process_group()
@@ -585,10 +598,11 @@ class _Loop:
 
     def __init__(self, model, config, ddp, device, base_lr, data, class_names, progress, cancel) -> None:
         self.model, self.config, self.ddp, self.device = model, config, ddp, device
-        train_data, val_data = data.train, data.validation
         self.class_names = class_names
-        self.train_images, self.train_targets = train_data
-        self.val_images, self.val_targets = val_data
+        self.train_images, self.train_targets, *train_priors = data.train
+        self.val_images, self.val_targets, *val_priors = data.validation
+        self.train_priors = train_priors[0] if train_priors else None
+        self.val_priors = val_priors[0] if val_priors else None
         self.progress, self.cancel = progress, cancel
         self.base_lr = base_lr
         self.network = model
@@ -609,6 +623,8 @@ class _Loop:
         self.history: list[dict] = []
         self.best_dice: Optional[float] = None
         self.best_state: Optional[dict[str, torch.Tensor]] = None
+        self.prior_dice: Optional[float] = None
+        self.on_epoch: Callable[[], None] = lambda: None
         self.last_loss = float("nan")
         self.started = time.monotonic()
         self.previous_seconds = 0.0
@@ -642,10 +658,14 @@ class _Loop:
             group["lr"] = lr
         images = self.train_images[index].to(self.device)
         targets = self.train_targets[index].to(self.device)
-        if self.config.augment:
+        priors = self._priors(index)
+        if self.config.augment and priors is not None:
+            stacked, targets = self.augmentation(torch.cat([images[:, None], priors], dim=1), targets)
+            images, priors = stacked[:, 0], perturb_priors(stacked[:, 1:], self.augmentation.generator)
+        elif self.config.augment:
             images, targets = self.augmentation(images, targets)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            output = self.network(images[:, None].expand(-1, 3, -1, -1), targets)
+            output = self.network(images[:, None].expand(-1, 3, -1, -1), targets, priors)
             loss, parts = self.loss_fn(output, targets, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
@@ -658,6 +678,24 @@ class _Loop:
         self.iteration += 1
         self.last_loss = float(loss.detach())
         return {"loss": self.last_loss, "stage1": parts["stage1"], "stage2": parts["stage2"], "lr": lr}
+
+    def _priors(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        """The batch's priors; None (a prompt-free step) for unguided models and for a
+        ``prompt_dropout`` share of guided steps."""
+        if self.train_priors is None:
+            return None
+        if float(torch.rand(1, generator=self.augmentation.generator)) < self.config.prompt_dropout:
+            return None
+        return self.train_priors[index].to(self.device)
+
+    def validate(self) -> tuple[float, list[Optional[float]]]:
+        """(mean, per-class) validation Dice; the best weights so far kept."""
+        per_class = _validate(self.model, self.val_images, self.val_targets, self.device, self.config.batch_size,
+                              self.val_priors)
+        dice = _mean_dice(per_class)
+        if self.best_dice is None or dice > self.best_dice:
+            self.best_dice, self.best_state = dice, _trainable_state(self.model)
+        return dice, per_class
 
     def train_epoch(self) -> bool:
         """One pass over this process's share of the slices; False when the time budget ran out."""
@@ -676,12 +714,9 @@ class _Loop:
         record = dict(zip(("loss", "stage1", "stage2"), means))
         record.update(epoch=self.epoch, steps=self.iteration, lr=steps[-1]["lr"])
         if self.val_images is not None:
-            per_class = _validate(self.model, self.val_images, self.val_targets, self.device, self.config.batch_size)
-            dice = _mean_dice(per_class)
+            dice, per_class = self.validate()
             record["val_dice"] = dice
             record["val_dice_per_class"] = dict(zip(self.class_names, per_class))
-            if self.best_dice is None or dice > self.best_dice:
-                self.best_dice, self.best_state = dice, _trainable_state(self.model)
             self.report(f"epoch {self.epoch + 1}: validation Dice {dice:.3f}", val_dice=dice)
         record["seconds"] = time.monotonic() - started
         self.history.append(record)
@@ -699,9 +734,13 @@ class _Loop:
         self.planned_epochs = min(self.config.epochs or planned, planned)
 
     def run(self) -> None:
+        if self.val_priors is not None and self.best_dice is None:
+            self.prior_dice, _ = self.validate()  # the prior itself: training keeps what beats it
+            self.report(f"prior alone: validation Dice {self.prior_dice:.3f}", val_dice=self.prior_dice)
+        self.on_epoch()
         self.model.train()
         while self.epoch < self.planned_epochs and self.train_epoch():
-            pass
+            self.on_epoch()
         if self.iteration == 0:
             raise InputError("the time budget ended before the first training step")
 
@@ -768,14 +807,25 @@ class _TrainingData:
     """Slices of all cases at the network's size: (images (N, S, S), targets (N, S, S)) for training
     and validation (None, None when nothing is held out), and each case's (training, validation) slices."""
 
-    train: tuple[torch.Tensor, torch.Tensor]
-    validation: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+    train: tuple[torch.Tensor, ...]
+    validation: tuple[Optional[torch.Tensor], ...]
     split: list[tuple[list[int], list[int]]]
 
 
-def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneConfig, img_size: int) -> _TrainingData:
+def leave_one_out_priors(labels: np.ndarray, axis: int, annotated: list[int], part: list[int], num_classes: int,
+                         kind: str, img_size: int) -> torch.Tensor:
+    """(N, K+1, S, S) prior logits of the annotated slices ``part``, each built from the other
+    annotated slices only (``SlicePrior.leave_one_out``), resized to the network's input."""
+    prior = SlicePrior(np.moveaxis(labels, axis, 0), annotated, num_classes, kind)
+    logits = torch.from_numpy(np.stack([prior.leave_one_out(i) for i in part]))
+    return F.interpolate(logits, size=(img_size, img_size), mode="bilinear", align_corners=False)
+
+
+def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneConfig, img_size: int,
+                   guidance: Optional[str] = None, num_classes: int = 0) -> _TrainingData:
     """Each case normalised by its own statistics; the last ``validation_volumes`` cases held out
-    whole, else ~15 % of each case's slices (``_split_validation``)."""
+    whole, else ~15 % of each case's slices (``_split_validation``). Guided, every slice also gets its
+    leave-one-out prior of kind ``guidance``: (images, targets, priors)."""
     axis = SLICE_AXES[config.slice_axis]
     held_out_from = len(cases) - config.validation_volumes
     train, validation, split = [], [], []
@@ -788,14 +838,17 @@ def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneC
         for tensors, part in zip((train, validation), parts):
             if part:
                 tensors.append(_slice_tensors(image, labels, axis, part, img_size))
+                if guidance is not None:
+                    tensors[-1] += (leave_one_out_priors(labels, axis, chosen, part, num_classes, guidance, img_size),)
         split.append(parts)
     if not train:
         raise InputError("no training slice is left once the validation slices are held out")
-    joined = [tuple(torch.cat(t) for t in zip(*tensors)) if tensors else (None, None) for tensors in (train, validation)]
+    width = 3 if guidance is not None else 2
+    joined = [tuple(torch.cat(t) for t in zip(*tensors)) if tensors else (None,) * width for tensors in (train, validation)]
     return _TrainingData(joined[0], joined[1], split)
 
 
-def _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel) -> FinetuneResult:
+def _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel, preview) -> FinetuneResult:
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
@@ -816,20 +869,11 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         preprocessing = IntensityPreprocessing.from_dict(built.preprocessing)
     else:
         preprocessing = IntensityPreprocessing(mode="percentile")
-    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size)
+    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size, built.guidance,
+                          model.num_classes)
 
     model.to(device)
     base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
-    loop = _Loop(model, config, ddp, device, base_lr, data, classes.names, progress, cancel)
-    torch.manual_seed(config.seed + ddp.rank)  # the embedding noise differs between processes
-    if config.resume is not None:
-        loop.resume(load_training_state(config.resume))
-    loop.run()
-
-    state = loop.state(classes)
-    if loop.best_state is not None:
-        model.load_state_dict({k: v.to(device) for k, v in loop.best_state.items()}, strict=False)
-    model.eval()
     metadata = BundleMetadata(
         preset=built.preset,
         img_size=model.img_size,
@@ -843,34 +887,48 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         cmattn=model.cmattn_mode,
         lora_rank=model.lora_rank,
         base_checkpoint=built.base_checkpoint,
-        training={
-            "hsam_version": __version__,
-            "cases": [
-                {
-                    "name": case.name,
-                    "shape": list(case.volume.array.shape),
-                    "spacing": [float(v) for v in case.volume.spacing],
-                    "labelled_voxels": {n: int((labels == k).sum()) for k, n in enumerate(classes.names, 1)},
-                    "slices": train_slices,
-                    "validation_slices": val_slices,
-                }
-                for case, labels, (train_slices, val_slices) in zip(cases, class_labels, data.split)
-            ],
-            "base_bundle": built.base_bundle,
-            "resumed_from": Path(config.resume).name if config.resume is not None else None,
-            "epochs": loop.epoch,
-            "steps": loop.iteration,
-            "final_loss": loop.last_loss,
-            "best_val_dice": loop.best_dice,
-            "seconds": round(loop.seconds, 2),
-            "learning_rate": base_lr,
-            "batch_size": config.batch_size,
-            "processes": ddp.world_size,
-            "augmentation": config.augment,
-            "trained_encoder": train_encoder,
-            "seed": config.seed,
-            "device": str(device),
-        },
+        guidance={"prior": built.guidance, "prompt_dropout": config.prompt_dropout} if built.guidance else None,
     )
+    loop = _Loop(model, config, ddp, device, base_lr, data, classes.names, progress, cancel)
+    if preview is not None and ddp.rank == 0:
+        loop.on_epoch = lambda: preview(model, metadata)
+    torch.manual_seed(config.seed + ddp.rank)  # the embedding noise differs between processes
+    if config.resume is not None:
+        loop.resume(load_training_state(config.resume))
+    loop.run()
+
+    state = loop.state(classes)
+    if loop.best_state is not None:
+        model.load_state_dict({k: v.to(device) for k, v in loop.best_state.items()}, strict=False)
+    model.eval()
+    metadata.training = {
+        "hsam_version": __version__,
+        "cases": [
+            {
+                "name": case.name,
+                "shape": list(case.volume.array.shape),
+                "spacing": [float(v) for v in case.volume.spacing],
+                "labelled_voxels": {n: int((labels == k).sum()) for k, n in enumerate(classes.names, 1)},
+                "slices": train_slices,
+                "validation_slices": val_slices,
+            }
+            for case, labels, (train_slices, val_slices) in zip(cases, class_labels, data.split)
+        ],
+        "base_bundle": built.base_bundle,
+        "resumed_from": Path(config.resume).name if config.resume is not None else None,
+        "epochs": loop.epoch,
+        "steps": loop.iteration,
+        "final_loss": loop.last_loss,
+        "best_val_dice": loop.best_dice,
+        "prior_val_dice": loop.prior_dice,
+        "seconds": round(loop.seconds, 2),
+        "learning_rate": base_lr,
+        "batch_size": config.batch_size,
+        "processes": ddp.world_size,
+        "augmentation": config.augment,
+        "trained_encoder": train_encoder,
+        "seed": config.seed,
+        "device": str(device),
+    }
     loop.report(f"finished: {loop.epoch} epochs, {loop.iteration} steps", fraction=1.0)
     return FinetuneResult(model, metadata, loop.history, state)

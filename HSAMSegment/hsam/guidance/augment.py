@@ -1,0 +1,61 @@
+"""Perturbing priors in training, so that the model learns to correct interpolation errors it will
+meet: shifted structures, structures too large or too small, and structures the prior lacks."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .priors import PRIOR_LOGIT
+
+SHIFT_PROBABILITY = 0.5
+MAX_SHIFT = 0.02  # of the slice side
+MORPHOLOGY_PROBABILITY = 0.3
+MAX_RADIUS = 2  # pixels at the network's input size
+DROP_PROBABILITY = 0.05
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand(1, generator=generator))
+
+
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """An integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def shift(prior: Tensor, dy: int, dx: int) -> Tensor:
+    """(K, H, W) moved by (dy, dx) pixels, edges repeated."""
+    pad = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
+    padded = F.pad(prior[None], pad, mode="replicate")[0]
+    h, w = prior.shape[-2:]
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[:, top : top + h, left : left + w]
+
+
+def dilate(logits: Tensor, radius: int) -> Tensor:
+    """(H, W) logits grown (radius > 0) or shrunk (radius < 0) by a square of that radius."""
+    if radius == 0:
+        return logits
+    sign = 1.0 if radius > 0 else -1.0
+    size = 2 * abs(radius) + 1
+    return sign * F.max_pool2d((sign * logits)[None, None], size, stride=1, padding=abs(radius))[0, 0]
+
+
+def perturb_prior(prior: Tensor, generator: torch.Generator) -> Tensor:
+    """One slice's (K+1, H, W) prior logits, randomly shifted, each class grown or shrunk, or dropped."""
+    out = prior.clone()
+    h, w = prior.shape[-2:]
+    if _uniform(generator) < SHIFT_PROBABILITY:
+        reach = max(1, round(MAX_SHIFT * max(h, w)))
+        out = shift(out, _randint(generator, -reach, reach), _randint(generator, -reach, reach))
+    for k in range(1, prior.shape[0]):
+        if _uniform(generator) < DROP_PROBABILITY:
+            out[k] = -PRIOR_LOGIT
+        elif _uniform(generator) < MORPHOLOGY_PROBABILITY:
+            out[k] = dilate(out[k], _randint(generator, -MAX_RADIUS, MAX_RADIUS))
+    return out
+
+
+def perturb_priors(priors: Tensor, generator: torch.Generator) -> Tensor:
+    """(N, K+1, H, W) -> each slice's prior perturbed on its own (``perturb_prior``)."""
+    return torch.stack([perturb_prior(p, generator) for p in priors])
