@@ -110,7 +110,6 @@ class _ProgressBar:
     def _line(self, text: str) -> None:
         if self._enabled:
             print(f"{self._description}: {text}", file=sys.stderr, flush=True)
-            self._last_line = time.monotonic()
 
     def _show_phase(self) -> None:
         if self._phase is not None:
@@ -122,6 +121,7 @@ class _ProgressBar:
             self._show_phase()
             if time.monotonic() - self._last_line >= self.LOG_INTERVAL or fraction >= 1.0:
                 self._line(f"{fraction:4.0%} {message}")
+                self._last_line = time.monotonic()
             return
         if self._bar is None:
             from tqdm import tqdm

@@ -176,7 +176,7 @@ def _forward(
     device_type = slices.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
-        output = model(images, prior=model_prior)
+        output = model(images) if model_prior is None else model(images, prior=model_prior)
     voxels = None
     if uncertainty is not None:
         voxels = voxel_uncertainty(*stage_logits_on_grid(output.stage1_logits, output.stage2_logits, size), uncertainty)
