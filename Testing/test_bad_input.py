@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import SimpleITK as sitk
 from hsam.cli import main
 from hsam.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
 from hsam.io import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
-from hsam.sam_weights import cached_sha256, sha256_file
+from hsam.sam_weights import SAM_CHECKPOINTS, cached_sha256, sha256_file, sha256_record
 from test_cli import _bundle, _write_image, assert_one_line_error
 from test_io import LIVER, write_dicom_series
 
@@ -338,17 +339,83 @@ def test_control_characters_from_files_are_escaped(tmp_path, model, capsys):
     assert "liver\\x1b[2J" in printed and "\\u202espleen" in printed
 
 
-def test_sam_weights_are_hashed_once_and_the_result_remembered(tmp_path):
+def test_sam_weights_are_hashed_once_and_the_result_remembered(tmp_path, hsam_home):
     weights = tmp_path / "sam_vit_b_01ec64.pth"
     weights.write_bytes(os.urandom(1 << 16))
     assert cached_sha256(weights) == sha256_file(weights)
-    record = tmp_path / "sam_vit_b_01ec64.pth.sha256"
-    remembered = json.loads(record.read_text())
-    record.write_text(json.dumps({**remembered, "sha256": "a" * 64}))
+    record = sha256_record(weights)
+    assert record.is_relative_to(hsam_home) and os.listdir(tmp_path) == [weights.name]
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "a" * 64}))
     assert cached_sha256(weights) == "a" * 64  # read from the record, not hashed again
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(weights.read_bytes())
+    os.utime(copy, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns))
+    assert cached_sha256(copy) == sha256_file(weights)  # same size and time, another path: its own record
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: hashed again
     assert cached_sha256(weights) == sha256_file(weights)
+
+
+@pytest.fixture(params=["writable", "read-only"])
+def weights_folder(request, tmp_path) -> Iterator[Path]:
+    """A user's folder of weights: ``weights.pth`` (not SAM) and ``sam_vit_b_01ec64.pth`` of the official
+    size but not its sha256 (sparse); read-only by its mode and, for root (whom modes do not stop),
+    by a read-only bind mount where one can be made."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "weights.pth").write_bytes(os.urandom(1 << 16))
+    with open(folder / "sam_vit_b_01ec64.pth", "wb") as f:
+        f.truncate(SAM_CHECKPOINTS["vit_b"].size)
+    if request.param == "writable":
+        yield folder
+        return
+    folder.chmod(0o555)
+    as_root = os.geteuid() == 0 and sys.platform == "linux"
+    mounted = as_root and subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder], capture_output=True)
+    try:
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", folder], check=True)
+        folder.chmod(0o755)
+
+
+def _hsam_refuses(args: list, pattern: str) -> None:
+    """``hsam ARGS`` in a new process ends with one error line containing ``pattern``, before torch is loaded."""
+    result = _run_hsam(args)
+    *lines, torch = result.stderr.decode().splitlines()
+    assert torch == "torch not loaded"
+    assert_one_line_error(result.returncode, "\n".join(lines), pattern)
+
+
+def test_info_leaves_the_weights_folder_alone_and_reuses_the_cache(weights_folder):
+    weights, official_name = weights_folder / "weights.pth", weights_folder / "sam_vit_b_01ec64.pth"
+    before = sorted(os.listdir(weights_folder))
+    first = _run_hsam(["info", weights])
+    assert first.returncode == 0 and f"sha256 {sha256_file(weights)}" in first.stdout.decode()
+    _hsam_refuses(["info", official_name], "does not match")
+    assert sorted(os.listdir(weights_folder)) == before
+
+    record = sha256_record(weights)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "a" * 64}))
+    second = _run_hsam(["info", weights])
+    assert second.returncode == 0 and f"sha256 {'a' * 64}" in second.stdout.decode()  # from the cache
+    _hsam_refuses(["info", official_name], "does not match")  # remembered, still refused
+    assert sorted(os.listdir(weights_folder)) == before
+
+
+def test_refused_sam_checkpoint_leaves_the_weights_folder_alone(weights_folder, tmp_path, out):
+    volume = _write_image(tmp_path / "volume.nrrd", noisy())
+    labels = _write_image(tmp_path / "labels.nrrd", (noisy() > 500).astype(np.uint8))
+    weights = weights_folder / "sam_vit_b_01ec64.pth"
+    before = sorted(os.listdir(weights_folder))
+    argv = ["finetune", volume, labels, "-o", out / "m.hsam", "--preset", "vit_b", "--sam-checkpoint", weights]
+    _hsam_refuses(argv, "is not the official SAM vit_b file")
+    assert sha256_record(weights).is_file()
+    _hsam_refuses(argv, "is not the official SAM vit_b file")  # remembered, still refused
+    assert sorted(os.listdir(weights_folder)) == before and os.listdir(out) == []
 
 
 # ------------------------------------------------------------------------------------ outputs
