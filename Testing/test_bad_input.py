@@ -2,6 +2,7 @@
 or, for the warnings, says what was done. Real files, real processes, a real full disk (a small
 tmpfs, where this user may mount one)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from hsam.cli import main
+from hsam.errors import HSAMWarning
 from hsam.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
 from hsam.io import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
 from hsam.sam_weights import SAM_CHECKPOINTS, cached_sha256, sha256_file, sha256_record
@@ -151,7 +153,9 @@ def test_labelmap_off_the_volume_lattice_is_refused_unless_resampling_is_asked(t
         other = _write_image(tmp_path / "labels.nrrd", labels, origin=tuple(o + 0.3 for o in ORIGIN))
     argv = ["finetune", volume, other, "-o", out / "m.hsam", "--epochs", "1"]
     refused(argv, capsys, "outside the volume" if case.startswith("larger") else "voxel grid", out)
-    assert read_labelmap(other, reference=Volume(noisy(), SPACING, ORIGIN), resample=True)[0].any()
+    dropped = r"dropped 1 labelled voxel \(Label_2: 1\)"
+    with pytest.warns(HSAMWarning, match=dropped) if case.startswith("larger") else contextlib.nullcontext():
+        assert read_labelmap(other, reference=Volume(noisy(), SPACING, ORIGIN), resample=True)[0].any()
 
 
 def test_crop_of_the_same_lattice_is_accepted(tmp_path):
@@ -160,6 +164,31 @@ def test_crop_of_the_same_lattice_is_accepted(tmp_path):
     path = _write_image(tmp_path / "crop.nrrd", crop, origin=origin)
     labels, _ = read_labelmap(path, reference=Volume(noisy(), SPACING, ORIGIN))
     assert labels[3:5, 4:14, 5:17].all() and labels.sum() == crop.sum()
+
+
+@pytest.mark.parametrize("margin", ["labels outside, --resample-labels", "empty"])
+def test_labels_cropped_off_a_larger_labelmap_are_reported(tmp_path, out, margin):
+    volume = _write_image(tmp_path / "volume.nrrd", noisy())
+    larger = np.zeros((10, 44, 52), np.uint8)  # two voxels on every side of the volume, on its lattice
+    larger[4:6, 12:22, 12:22] = 1
+    if margin == "empty":
+        extra = []
+    else:
+        larger[0, 0, :5] = 2
+        larger[-1, 20, 20] = 1
+        extra = ["--resample-labels"]
+    origin = tuple(o - 2 * s for o, s in zip(ORIGIN, SPACING))
+    labels = _write_image(tmp_path / "labels.nrrd", larger, origin=origin)
+    # training slice 0 holds no label: the command stops after reading the pair, before any training
+    argv = ["finetune", volume, labels, "-o", out / "m.hsam", "--slices", "0", *extra]
+    lines = _run_hsam(argv).stderr.decode().splitlines()
+    warnings = [line for line in lines if line.startswith("hsam: warning:")]
+    assert "has no voxel in the training slices" in lines[-2]
+    if margin == "empty":
+        assert warnings == []
+    else:
+        assert warnings == ["hsam: warning: labels.nrrd: dropped 6 labelled voxels (Label_1: 1, Label_2: 5) "
+                            "outside the volume"]
 
 
 def _segmentation_file(path: Path, **fields: str) -> Path:
@@ -230,7 +259,6 @@ def test_several_dicom_series_are_named_and_can_be_chosen(tmp_path, model, out, 
         writer.Execute(image)
     code = main([str(a) for a in segment(folder, model, out, "--series", "1.2.3")])
     assert_one_line_error(code, capfd.readouterr().err, "no DICOM series 1.2.3")
-    from hsam.errors import HSAMWarning
     from hsam.io import read_volume
 
     with pytest.warns(HSAMWarning, match=r"holds 2 DICOM series; read 1\.2\.826\.0\.1\.3680043\.2\.1125\.1\.1 \(6 files\)"):
