@@ -11,6 +11,14 @@ if str(SEGMENT_MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(SEGMENT_MODULE_DIR))
 
 
+@pytest.fixture(autouse=True)
+def hsam_home(tmp_path_factory, monkeypatch) -> Path:
+    """HSAM's user cache (SAM weights, remembered sha256) in a new folder: tests never touch the real one."""
+    home = tmp_path_factory.mktemp("hsam-home")
+    monkeypatch.setenv("HSAM_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def scene():
     """A ``vtkMRMLScene`` with the Segmentations logic registered, also set as ``slicer.mrmlScene``

@@ -2,6 +2,7 @@
 or, for the warnings, says what was done. Real files, real processes, a real full disk (a small
 tmpfs, where this user may mount one)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,15 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from hsam.cli import main
+from hsam.errors import HSAMWarning
 from hsam.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
 from hsam.io import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
-from hsam.sam_weights import cached_sha256, sha256_file
+from hsam.sam_weights import SAM_CHECKPOINTS, cached_sha256, sha256_file, sha256_record
 from test_cli import _bundle, _write_image, assert_one_line_error
 from test_io import LIVER, write_dicom_series
 
@@ -150,7 +153,9 @@ def test_labelmap_off_the_volume_lattice_is_refused_unless_resampling_is_asked(t
         other = _write_image(tmp_path / "labels.nrrd", labels, origin=tuple(o + 0.3 for o in ORIGIN))
     argv = ["finetune", volume, other, "-o", out / "m.hsam", "--epochs", "1"]
     refused(argv, capsys, "outside the volume" if case.startswith("larger") else "voxel grid", out)
-    assert read_labelmap(other, reference=Volume(noisy(), SPACING, ORIGIN), resample=True)[0].any()
+    dropped = r"dropped 1 labelled voxel \(Label_2: 1\)"
+    with pytest.warns(HSAMWarning, match=dropped) if case.startswith("larger") else contextlib.nullcontext():
+        assert read_labelmap(other, reference=Volume(noisy(), SPACING, ORIGIN), resample=True)[0].any()
 
 
 def test_crop_of_the_same_lattice_is_accepted(tmp_path):
@@ -159,6 +164,31 @@ def test_crop_of_the_same_lattice_is_accepted(tmp_path):
     path = _write_image(tmp_path / "crop.nrrd", crop, origin=origin)
     labels, _ = read_labelmap(path, reference=Volume(noisy(), SPACING, ORIGIN))
     assert labels[3:5, 4:14, 5:17].all() and labels.sum() == crop.sum()
+
+
+@pytest.mark.parametrize("margin", ["labels outside, --resample-labels", "empty"])
+def test_labels_cropped_off_a_larger_labelmap_are_reported(tmp_path, out, margin):
+    volume = _write_image(tmp_path / "volume.nrrd", noisy())
+    larger = np.zeros((10, 44, 52), np.uint8)  # two voxels on every side of the volume, on its lattice
+    larger[4:6, 12:22, 12:22] = 1
+    if margin == "empty":
+        extra = []
+    else:
+        larger[0, 0, :5] = 2
+        larger[-1, 20, 20] = 1
+        extra = ["--resample-labels"]
+    origin = tuple(o - 2 * s for o, s in zip(ORIGIN, SPACING))
+    labels = _write_image(tmp_path / "labels.nrrd", larger, origin=origin)
+    # training slice 0 holds no label: the command stops after reading the pair, before any training
+    argv = ["finetune", volume, labels, "-o", out / "m.hsam", "--slices", "0", *extra]
+    lines = _run_hsam(argv).stderr.decode().splitlines()
+    warnings = [line for line in lines if line.startswith("hsam: warning:")]
+    assert "has no voxel in the training slices" in lines[-2]
+    if margin == "empty":
+        assert warnings == []
+    else:
+        assert warnings == ["hsam: warning: labels.nrrd: dropped 6 labelled voxels (Label_1: 1, Label_2: 5) "
+                            "outside the volume"]
 
 
 def _segmentation_file(path: Path, **fields: str) -> Path:
@@ -229,7 +259,6 @@ def test_several_dicom_series_are_named_and_can_be_chosen(tmp_path, model, out, 
         writer.Execute(image)
     code = main([str(a) for a in segment(folder, model, out, "--series", "1.2.3")])
     assert_one_line_error(code, capfd.readouterr().err, "no DICOM series 1.2.3")
-    from hsam.errors import HSAMWarning
     from hsam.io import read_volume
 
     with pytest.warns(HSAMWarning, match=r"holds 2 DICOM series; read 1\.2\.826\.0\.1\.3680043\.2\.1125\.1\.1 \(6 files\)"):
@@ -338,17 +367,83 @@ def test_control_characters_from_files_are_escaped(tmp_path, model, capsys):
     assert "liver\\x1b[2J" in printed and "\\u202espleen" in printed
 
 
-def test_sam_weights_are_hashed_once_and_the_result_remembered(tmp_path):
+def test_sam_weights_are_hashed_once_and_the_result_remembered(tmp_path, hsam_home):
     weights = tmp_path / "sam_vit_b_01ec64.pth"
     weights.write_bytes(os.urandom(1 << 16))
     assert cached_sha256(weights) == sha256_file(weights)
-    record = tmp_path / "sam_vit_b_01ec64.pth.sha256"
-    remembered = json.loads(record.read_text())
-    record.write_text(json.dumps({**remembered, "sha256": "a" * 64}))
+    record = sha256_record(weights)
+    assert record.is_relative_to(hsam_home) and os.listdir(tmp_path) == [weights.name]
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "a" * 64}))
     assert cached_sha256(weights) == "a" * 64  # read from the record, not hashed again
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(weights.read_bytes())
+    os.utime(copy, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns))
+    assert cached_sha256(copy) == sha256_file(weights)  # same size and time, another path: its own record
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: hashed again
     assert cached_sha256(weights) == sha256_file(weights)
+
+
+@pytest.fixture(params=["writable", "read-only"])
+def weights_folder(request, tmp_path) -> Iterator[Path]:
+    """A user's folder of weights: ``weights.pth`` (not SAM) and ``sam_vit_b_01ec64.pth`` of the official
+    size but not its sha256 (sparse); read-only by its mode and, for root (whom modes do not stop),
+    by a read-only bind mount where one can be made."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "weights.pth").write_bytes(os.urandom(1 << 16))
+    with open(folder / "sam_vit_b_01ec64.pth", "wb") as f:
+        f.truncate(SAM_CHECKPOINTS["vit_b"].size)
+    if request.param == "writable":
+        yield folder
+        return
+    folder.chmod(0o555)
+    as_root = os.geteuid() == 0 and sys.platform == "linux"
+    mounted = as_root and subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode == 0
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder], capture_output=True)
+    try:
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", folder], check=True)
+        folder.chmod(0o755)
+
+
+def _hsam_refuses(args: list, pattern: str) -> None:
+    """``hsam ARGS`` in a new process ends with one error line containing ``pattern``, before torch is loaded."""
+    result = _run_hsam(args)
+    *lines, torch = result.stderr.decode().splitlines()
+    assert torch == "torch not loaded"
+    assert_one_line_error(result.returncode, "\n".join(lines), pattern)
+
+
+def test_info_leaves_the_weights_folder_alone_and_reuses_the_cache(weights_folder):
+    weights, official_name = weights_folder / "weights.pth", weights_folder / "sam_vit_b_01ec64.pth"
+    before = sorted(os.listdir(weights_folder))
+    first = _run_hsam(["info", weights])
+    assert first.returncode == 0 and f"sha256 {sha256_file(weights)}" in first.stdout.decode()
+    _hsam_refuses(["info", official_name], "does not match")
+    assert sorted(os.listdir(weights_folder)) == before
+
+    record = sha256_record(weights)
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "a" * 64}))
+    second = _run_hsam(["info", weights])
+    assert second.returncode == 0 and f"sha256 {'a' * 64}" in second.stdout.decode()  # from the cache
+    _hsam_refuses(["info", official_name], "does not match")  # remembered, still refused
+    assert sorted(os.listdir(weights_folder)) == before
+
+
+def test_refused_sam_checkpoint_leaves_the_weights_folder_alone(weights_folder, tmp_path, out):
+    volume = _write_image(tmp_path / "volume.nrrd", noisy())
+    labels = _write_image(tmp_path / "labels.nrrd", (noisy() > 500).astype(np.uint8))
+    weights = weights_folder / "sam_vit_b_01ec64.pth"
+    before = sorted(os.listdir(weights_folder))
+    argv = ["finetune", volume, labels, "-o", out / "m.hsam", "--preset", "vit_b", "--sam-checkpoint", weights]
+    _hsam_refuses(argv, "is not the official SAM vit_b file")
+    assert sha256_record(weights).is_file()
+    _hsam_refuses(argv, "is not the official SAM vit_b file")  # remembered, still refused
+    assert sorted(os.listdir(weights_folder)) == before and os.listdir(out) == []
 
 
 # ------------------------------------------------------------------------------------ outputs

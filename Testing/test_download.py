@@ -2,6 +2,8 @@
 
 import hashlib
 import http.server
+import json
+import os
 import re
 import socket
 import threading
@@ -72,8 +74,10 @@ def test_download_writes_the_checked_file_and_reuses_it(server, tmp_path):
     path = download_sam_weights("test", cache_dir=tmp_path / "cache", progress=lambda f, m: fractions.append(f))
     assert path == tmp_path / "cache" / FILENAME
     assert path.read_bytes() == PAYLOAD
-    assert not path.with_name(FILENAME + ".part").exists()
+    assert os.listdir(path.parent) == [FILENAME]
     assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    # the verified digest is remembered in the user cache: the first use does not hash the file again
+    assert json.loads(sam_weights.sha256_record(path).read_text())["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()
 
     again = download_sam_weights("test", cache_dir=tmp_path / "cache")
     assert again == path and len(server.requests) == 1  # cached: no second request

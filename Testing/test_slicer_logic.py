@@ -301,6 +301,7 @@ def test_sam_weights_table_and_cache_match_the_engine(tmp_path, monkeypatch):
     from hsam.checkpoint import SAM_CHECKPOINTS, default_cache_dir
 
     assert models.SAM_WEIGHTS == {name: (info.filename, info.size) for name, info in SAM_CHECKPOINTS.items()}
+    monkeypatch.delenv("HSAM_HOME")
     assert models.sam_cache_dir() == default_cache_dir()
     monkeypatch.setenv("HSAM_HOME", str(tmp_path))
     assert models.sam_cache_dir() == default_cache_dir() == tmp_path / "checkpoints"

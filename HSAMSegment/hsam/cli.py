@@ -373,11 +373,15 @@ def _finetune(args: argparse.Namespace) -> None:
     check_distinct([output, args.preview], [*files, args.sam_checkpoint, args.base_model])
     from .bundle import read_bundle_metadata
     from .io import read_labelmap, read_volume
+    from .sam_weights import check_sam_checkpoint
 
+    preset = args.preset or "tiny"
     if args.base_model is not None:
         base_preset = read_bundle_metadata(args.base_model).preset
         if args.preset is not None and base_preset != args.preset:
             raise InputError(f"{Path(args.base_model).name} is a {base_preset} model, not --preset {args.preset}")
+    elif args.sam_checkpoint is not None:
+        check_sam_checkpoint(args.sam_checkpoint, preset)
     from .training import TrainingCase
 
     cases = []
@@ -396,7 +400,7 @@ def _finetune(args: argparse.Namespace) -> None:
     if args.modality is not None:
         preprocessing = IntensityPreprocessing(mode="ct" if args.modality == "ct" else "percentile")
     config = FinetuneConfig(
-        preset=args.preset or "tiny",
+        preset=preset,
         sam_checkpoint=args.sam_checkpoint,
         base_bundle=args.base_model,
         img_size=args.img_size,

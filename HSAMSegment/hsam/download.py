@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from . import __version__
-from .sam_weights import SAM_CHECKPOINTS, SamCheckpointInfo, default_cache_dir, sha256_file
+from .sam_weights import SAM_CHECKPOINTS, SamCheckpointInfo, default_cache_dir, remember_sha256, sha256_file
 from .errors import Cancelled, CheckpointError, HSAMError, InputError
 
 PathLike = Union[str, os.PathLike]
@@ -56,6 +56,7 @@ def download_sam_weights(
             "it was deleted, run the download again"
         )
     os.replace(partial, target)
+    remember_sha256(target, info.sha256)  # verified just now: not hashed again on first use
     return target
 
 

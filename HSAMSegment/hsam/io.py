@@ -180,9 +180,10 @@ def read_labelmap(
     are refused.
 
     With ``reference``, the labels are placed on its grid: a labelmap on the same voxel lattice
-    (e.g. a cropped ``.seg.nrrd``) is pasted exactly, unless labelled voxels fall outside the volume;
-    any other geometry is refused with an ``InputError`` naming the difference, or resampled with
-    nearest neighbour if ``resample``.
+    (e.g. a cropped ``.seg.nrrd``, or one reaching into empty space around the volume) is pasted
+    exactly; any other geometry is refused with an ``InputError`` naming the difference, or resampled
+    with nearest neighbour if ``resample``. Labelled voxels outside the volume are refused, or with
+    ``resample`` dropped with an ``HSAMWarning`` saying how many, per segment.
     """
     path = Path(path)
     if path.is_dir():
@@ -195,7 +196,7 @@ def read_labelmap(
         labels = _integer_labels(sitk.GetArrayFromImage(image), path.name)
         segments = [default_segment(int(v)) for v in np.unique(labels) if v != 0]
     if reference is not None:
-        labels = _place_on_grid(labels, image, reference, resample, path.name)
+        labels = _place_on_grid(labels, image, reference, resample, path.name, segments)
     return labels, segments
 
 
@@ -409,7 +410,7 @@ def _terminology(values: dict[str, str]) -> Optional[str]:
 
 
 def _place_on_grid(
-    labels: np.ndarray, image: sitk.Image, reference: Volume, resample: bool, name: str
+    labels: np.ndarray, image: sitk.Image, reference: Volume, resample: bool, name: str, segments: Sequence[Segment]
 ) -> np.ndarray:
     """``labels`` (on ``image``'s grid) moved onto ``reference``'s grid."""
     source = Volume(
@@ -422,25 +423,47 @@ def _place_on_grid(
     if difference is None:
         return labels
     offset = _lattice_offset(source, reference)
-    if offset is not None:
-        placed = _paste(labels, offset, reference.array.shape)
-        dropped = np.count_nonzero(labels) - np.count_nonzero(placed)
-        if dropped and not resample:
-            raise InputError(f"{name} has {dropped} labelled voxels outside the volume ({difference})")
-    elif not resample:
+    if offset is None and not resample:
         raise InputError(
             f"{name} is not on the volume's voxel grid ({difference}); resample it onto the volume first "
             "or pass --resample-labels"
         )
-    else:
-        source_image = source.to_sitk()
-        placed = sitk.GetArrayFromImage(sitk.Resample(
-            source_image, reference.to_sitk(np.zeros(reference.array.shape, np.uint8)),
-            sitk.Transform(), sitk.sitkNearestNeighbor, 0, source_image.GetPixelID(),
-        ))
+    outside = _labels_outside(source, reference, segments)
+    if outside and not resample:
+        raise InputError(f"{name} has {outside} outside the volume ({difference}); "
+                         "crop it or pass --resample-labels to drop them")
+    placed = _paste(labels, offset, reference.array.shape) if offset is not None else _resample(source, reference)
     if labels.any() and not placed.any():
         raise InputError(f"{name} does not overlap the volume ({difference})")
+    if outside:
+        warnings.warn(HSAMWarning(f"{printable(name)}: dropped {outside} outside the volume"), stacklevel=3)
     return placed
+
+
+def _labels_outside(source: Volume, reference: Volume, segments: Sequence[Segment]) -> Optional[str]:
+    """'N labelled voxels (segment: n, ...)' for ``source``'s labelled voxels whose centres lie outside
+    ``reference``, or None if there are none."""
+    inside = sitk.Resample(  # 1 where a voxel centre of source lies in the volume
+        reference.to_sitk(np.ones(reference.array.shape, np.uint8)),
+        source.to_sitk(np.zeros(source.array.shape, np.uint8)),
+        sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+    )
+    lost = source.array[(sitk.GetArrayViewFromImage(inside) == 0) & (source.array != 0)]
+    if lost.size == 0:
+        return None
+    names = {s.label_value: s.name for s in segments}
+    values, counts = np.unique(lost, return_counts=True)
+    per_segment = ", ".join(f"{printable(names[int(v)])}: {n}" for v, n in zip(values, counts))
+    return f"{lost.size} labelled voxel{'s' if lost.size > 1 else ''} ({per_segment})"
+
+
+def _resample(source: Volume, reference: Volume) -> np.ndarray:
+    """``source``'s labels resampled onto ``reference``'s grid by nearest neighbour, 0 outside."""
+    source_image = source.to_sitk()
+    return sitk.GetArrayFromImage(sitk.Resample(
+        source_image, reference.to_sitk(np.zeros(reference.array.shape, np.uint8)),
+        sitk.Transform(), sitk.sitkNearestNeighbor, 0, source_image.GetPixelID(),
+    ))
 
 
 def _lattice_offset(source: Volume, reference: Volume, tol: float = GEOMETRY_TOLERANCE) -> Optional[np.ndarray]:

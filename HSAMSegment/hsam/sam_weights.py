@@ -1,5 +1,5 @@
 """The official SAM weight files: names, URLs, sizes, sha256, the download cache, and a sha256
-verification that is done once per file and remembered.
+verification that is done once per file and remembered in HSAM's user cache (never beside the file).
 
 No torch here: ``hsam info`` and the command line's checks use it before loading the network code.
 """
@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .errors import HSAMError
-from .files import write_bytes_atomic
+from .errors import CheckpointError, HSAMError, InputError
+from .files import real_path, write_bytes_atomic
 
 PathLike = Union[str, os.PathLike]
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-# Beside a verified file ``x.pth``: ``x.pth.sha256`` records its digest for its size and modification time.
-VERIFIED_SUFFIX = ".sha256"
 
 
 @dataclass(frozen=True)
@@ -46,10 +44,21 @@ SAM_CHECKPOINTS: dict[str, SamCheckpointInfo] = {
 }
 
 
+def cache_home() -> Path:
+    """HSAM's user cache folder: $HSAM_HOME, else ~/.cache/hsam."""
+    home = os.environ.get("HSAM_HOME")
+    return Path(home) if home else Path.home() / ".cache" / "hsam"
+
+
 def default_cache_dir() -> Path:
     """Where downloaded SAM weights live: $HSAM_HOME/checkpoints, else ~/.cache/hsam/checkpoints."""
-    home = os.environ.get("HSAM_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "hsam") / "checkpoints"
+    return cache_home() / "checkpoints"
+
+
+def sha256_record(path: PathLike) -> Path:
+    """Where the digest of ``path`` is remembered: ``<cache_home>/sha256/<hash of its real path>.json``."""
+    name = hashlib.sha256(real_path(path).encode("utf-8")).hexdigest()[:32]
+    return cache_home() / "sha256" / f"{name}.json"
 
 
 def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
@@ -61,21 +70,34 @@ def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def cached_sha256(path: PathLike) -> str:
-    """``sha256_file(path)``, computed once: the digest is remembered beside the file (when its folder
-    is writable) with the size and modification time it was computed for."""
-    path = Path(path)
-    stat = path.stat()
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    record = path.with_name(path.name + VERIFIED_SUFFIX)
+    """``sha256_file(path)``, computed once: the digest is remembered in ``sha256_record(path)`` with
+    the file's path, size and modification time (a digest only, never a verdict on the file)."""
+    key = _record_key(path)
+    record = sha256_record(path)
     remembered = _read_record(record)
     if remembered is not None and {k: remembered.get(k) for k in key} == key:
         return remembered["sha256"]
     digest = sha256_file(path)
-    try:
-        write_bytes_atomic(record, json.dumps({**key, "sha256": digest}).encode("utf-8"), overwrite=True)
-    except HSAMError:  # a read-only folder: verified again next time
-        pass
+    _write_record(record, {**key, "sha256": digest})  # the key from before hashing: a change meanwhile shows
     return digest
+
+
+def remember_sha256(path: PathLike, digest: str) -> None:
+    """Record ``digest``, just computed, as the sha256 of ``path`` as it is now."""
+    _write_record(sha256_record(path), {**_record_key(path), "sha256": digest})
+
+
+def _record_key(path: PathLike) -> dict:
+    stat = Path(path).stat()
+    return {"path": real_path(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _write_record(record: Path, data: dict) -> None:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(record, json.dumps(data).encode("utf-8"), overwrite=True)
+    except (OSError, HSAMError):  # no writable cache: verified again next time
+        pass
 
 
 def _read_record(record: Path) -> Optional[dict]:
@@ -94,3 +116,14 @@ def identify_sam_checkpoint(path: PathLike) -> Optional[str]:
         if size == info.size and cached_sha256(path) == info.sha256:
             return name
     return None
+
+
+def check_sam_checkpoint(path: PathLike, preset: str) -> None:
+    """Refuse anything but the official SAM weights of ``preset`` (size, then sha256)."""
+    if preset not in SAM_CHECKPOINTS:
+        raise InputError(f"the {preset} preset has no official SAM weights")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"SAM checkpoint not found: {path}")
+    if identify_sam_checkpoint(path) != preset:
+        raise CheckpointError(f"{path.name} is not the official SAM {preset} file")

@@ -56,8 +56,8 @@ from .inference import resolve_precision, select_device
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
-from .presets import MAX_CLASSES, MAX_LABEL_VALUE, PRIOR_KINDS
-from .sam_weights import SAM_CHECKPOINTS, cached_sha256, identify_sam_checkpoint
+from .presets import MAX_CLASSES, MAX_LABEL_VALUE
+from .sam_weights import SAM_CHECKPOINTS, cached_sha256, check_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -363,13 +363,8 @@ def _build_model(config: FinetuneConfig, num_classes: int) -> _Model:
         raise InputError(str(e)) from e
     base = None
     if config.sam_checkpoint is not None:
-        if config.preset not in SAM_CHECKPOINTS:
-            raise InputError(f"the {config.preset} preset has no official SAM weights")
         path = Path(config.sam_checkpoint)
-        if not path.is_file():
-            raise CheckpointError(f"SAM checkpoint not found: {path}")
-        if identify_sam_checkpoint(path) != config.preset:
-            raise CheckpointError(f"{path.name} is not the official SAM {config.preset} file")
+        check_sam_checkpoint(path, config.preset)
         load_sam_weights(model, path, config.preset)
         base = {"name": SAM_CHECKPOINTS[config.preset].filename, "sha256": cached_sha256(path)}
     return _Model(model, config.preset, base, None, None, config.guidance)
