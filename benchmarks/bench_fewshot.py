@@ -1,25 +1,30 @@
-"""Few-shot H-SAM against what a 3D Slicer user has today, within one volume and across subjects.
+"""Few-shot H-SAM against what a 3D Slicer user has today, within one volume.
 
-    python benchmarks/bench_fewshot.py [--every 10] [--budgets 240 120] [--cohort-budget 240]
-                                       [--train-seeds 1 2 3] [--test-seeds 101 102] [--update-docs]
+    python benchmarks/bench_fewshot.py [--datasets mni ct] [--every 5 10 20] [--budgets 60 120 240]
+                                       [--ct CT.nii.gz --ct-labels SEG.nii.gz] [--update-docs [--force]]
 
-Within-volume: the MNI152 template (grey/white matter), every k-th labelled axial slice annotated;
-H-SAM (tiny preset, fine-tuned on those slices for each time budget, then segmenting the volume)
-against the nearest-slice copy and the Segment Editor's Fill between slices. Dice per class on the
-labelled slices that were not annotated.
+For every dataset, every k (every k-th labelled axial slice annotated) and every time budget, a guided
+H-SAM (``tiny`` preset, ``--guided linear``) is fine-tuned on the annotated slices and segments the
+volume twice: guided by the annotated slices, and prompt-free. The baselines are the nearest-slice copy
+and the Segment Editor's Fill between slices from the same slices. Dice per class on the labelled
+slices that were not annotated. ``--prompt-free-budget`` adds the paper's prompt-free H-SAM (no
+guidance in training), the figure guided training must not cost.
 
-Cross-subject: synthetic subjects made from the template (``hsam.subjects``: seeded smooth
-deformation and small affine, bias field, contrast change, noise). H-SAM is fine-tuned on every k-th
-labelled axial slice of each training subject together (``finetune_cohort``) and segments each test
-subject; the baseline registers each training subject onto each test subject (affine + B-spline,
-``hsam.baselines.atlas_registration``) and carries its labels over, scored per atlas (mean over the
-atlases) and fused by majority vote. Dice per class over the whole test volume against its warped labels.
+Datasets: ``mni`` is the MNI152 2009a template (grey and white matter, from nilearn). ``ct`` is a real
+CT given with ``--ct``/``--ct-labels`` (labelmap on its grid; the classes of ``CT_CLASSES``, with
+TotalSegmentator's v2 label values, are scored; others count as background; slices without labels
+are cut off). The default files are TotalSegmentator's test CT (Apache-2.0), see docs/performance.md.
+
+The 1-minute load average is recorded before and after each training run. With ``--update-docs`` the
+tables go into docs/performance.md only when it stayed below ``MAX_LOAD`` throughout (``--force``
+writes them marked as loaded).
 """
 
 import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,140 +32,151 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, update_docs  # noqa: E402
 
-from hsam.baselines import atlas_registration, fill_between_slices, majority_vote, nearest_slice_copy  # noqa: E402
+from hsam.baselines import fill_between_slices, nearest_slice_copy  # noqa: E402
 from hsam.demo import CLASSES, brain_labels, template_path  # noqa: E402
 from hsam.inference import segment_volume  # noqa: E402
-from hsam.io import Segment, Volume, read_volume  # noqa: E402
+from hsam.io import Segment, Volume, read_labelmap, read_volume  # noqa: E402
 from hsam.metrics import dice_score  # noqa: E402
 from hsam.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.subjects import mni_subjects  # noqa: E402
-from hsam.training import FinetuneConfig, TrainingCase, annotated_slices, finetune, finetune_cohort  # noqa: E402
+from hsam.training import FinetuneConfig, annotated_slices, finetune  # noqa: E402
 
-SEGMENTS = [Segment(name=name, label_value=value, color=colour) for name, value, colour in CLASSES]
-NAMES = {value: name for name, value, _ in CLASSES}
-COLUMNS = ["method", *NAMES.values(), "mean", "epochs", "wall s", "CPU s"]
-
-
-class Clock:
-    """Wall and CPU seconds (this process, all threads) since it was made."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.monotonic(), time.process_time()
-
-    def row(self) -> dict:
-        return {"wall s": f"{time.monotonic() - self.wall:.0f}", "CPU s": f"{time.process_time() - self.cpu:.0f}"}
+MAX_LOAD = 1.5
+# TotalSegmentator v2 ("total") label values of the scored CT classes: organs, vessels, a vertebra.
+CT_CLASSES = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left", 6: "stomach", 7: "pancreas",
+              4: "gallbladder", 20: "colon", 52: "aorta", 63: "inferior_vena_cava",
+              64: "portal_vein_and_splenic_vein", 31: "vertebrae_L1"}
 
 
-def scores(prediction: np.ndarray, reference: np.ndarray) -> dict:
-    """{class name: Dice} and their mean."""
-    row = {name: dice_score(prediction == value, reference == value) for value, name in NAMES.items()}
+@dataclass
+class Dataset:
+    name: str
+    volume: Volume
+    labels: np.ndarray
+    segments: list
+    preprocessing: IntensityPreprocessing
+
+
+def mni() -> Dataset:
+    t1 = read_volume(template_path("t1"))
+    labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
+    volume = Volume(t1.array.astype(np.float32), t1.spacing, t1.origin, t1.direction)
+    segments = [Segment(name=name, label_value=value, color=colour) for name, value, colour in CLASSES]
+    return Dataset("MNI152 2009a (T1)", volume, labels, segments, IntensityPreprocessing(mode="percentile"))
+
+
+def ct(image_path: Path, labels_path: Path) -> Dataset:
+    image = read_volume(image_path)
+    raw, _ = read_labelmap(labels_path, reference=image)
+    labels = np.where(np.isin(raw, list(CT_CLASSES)), raw, 0).astype(np.uint8)
+    labelled = np.flatnonzero(raw.any(axis=(1, 2)))  # the reference covers only these slices
+    keep = slice(int(labelled[0]), int(labelled[-1]) + 1)
+    origin = image.origin  # cropping along z from slice 0 keeps the origin when labelled[0] == 0
+    if labelled[0] != 0:
+        raise SystemExit("the CT labels must start at the volume's first slice")
+    volume = Volume(image.array[keep].astype(np.float32), image.spacing, origin, image.direction)
+    segments = [Segment(name=n, label_value=v, color=(0.5, 0.5, 0.5)) for v, n in CT_CLASSES.items()
+                if (labels == v).any()]
+    return Dataset(f"CT {image_path.name}", volume, labels[keep], segments, IntensityPreprocessing(mode="ct"))
+
+
+def scores(prediction: np.ndarray, reference: np.ndarray, segments: list) -> dict:
+    row = {s.name: dice_score(prediction == s.label_value, reference == s.label_value) for s in segments}
     row["mean"] = float(np.mean(list(row.values())))
     return row
 
 
-def averaged(rows: list[dict]) -> dict:
-    return {key: float(np.mean([r[key] for r in rows])) for key in [*NAMES.values(), "mean"]}
-
-
-def every_kth(labels: np.ndarray, every: int) -> list[int]:
+def annotate_every(labels: np.ndarray, every: int) -> list[int]:
     return annotated_slices(labels, 0)[every // 2 :: every]
 
 
-def config(budget: float, seed: int) -> FinetuneConfig:
-    return FinetuneConfig(preset="tiny", time_budget=budget, preprocessing=IntensityPreprocessing(mode="percentile"),
-                          device="cpu", seed=seed)
-
-
-def within_volume(every: int, budgets: list[float], seed: int) -> list[dict]:
-    t1 = read_volume(template_path("t1"))
-    labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
-    volume = Volume(t1.array.astype(np.float32), t1.spacing, t1.origin, t1.direction)
-    annotated = every_kth(labels, every)
-    evaluated = [z for z in annotated_slices(labels, 0) if z not in annotated]
+def evaluate(data: Dataset, every: int, budgets: list[float], seed: int, loads: list[float]) -> list[dict]:
+    annotated = annotate_every(data.labels, every)
+    if len(annotated) < 2:
+        print(f"{data.name}, k = {every}: {len(annotated)} annotated slice, guided mode needs 2: skipped", flush=True)
+        return []
+    evaluated = [z for z in annotated_slices(data.labels, 0) if z not in annotated]
+    reference = data.labels[evaluated]
+    drawn = np.zeros_like(data.labels)
+    drawn[annotated] = data.labels[annotated]
     rows = []
     for method, baseline in (("nearest-slice copy", nearest_slice_copy), ("Fill between slices", fill_between_slices)):
-        clock = Clock()
-        predicted = baseline(labels, annotated)
-        rows.append({"method": method, **scores(predicted[evaluated], labels[evaluated]), **clock.row()})
-        print(rows[-1], flush=True)
+        rows.append({"k": every, "method": method, **scores(baseline(data.labels, annotated)[evaluated], reference,
+                                                             data.segments)})
     for budget in budgets:
-        clock = Clock()
-        cfg = config(budget, seed)
-        cfg.slices = annotated
-        result = finetune(volume, labels, SEGMENTS, cfg)
-        predicted = segment_volume(result.model, volume, result.metadata, device="cpu").labels
-        rows.append({"method": f"H-SAM tiny, {budget:.0f} s budget", **scores(predicted[evaluated], labels[evaluated]),
-                     "epochs": result.metadata.training["epochs"], **clock.row()})
-        print(rows[-1], flush=True)
+        loads.append(os.getloadavg()[0])
+        started = time.monotonic()
+        config = FinetuneConfig(preset="tiny", time_budget=budget, preprocessing=data.preprocessing, device="cpu",
+                                seed=seed, slices=annotated, guidance="linear")
+        result = finetune(data.volume, data.labels, data.segments, config)
+        seconds = time.monotonic() - started
+        loads.append(os.getloadavg()[0])
+        epochs = result.metadata.training["epochs"]
+        for mode, annotations in (("guided", drawn), ("prompt-free", None)):
+            predicted = segment_volume(result.model, data.volume, result.metadata, device="cpu",
+                                       annotations=annotations).labels
+            rows.append({"k": every, "method": f"H-SAM {mode}, {budget:.0f} s", **scores(predicted[evaluated], reference,
+                                                                                       data.segments),
+                         "epochs": epochs, "train s": f"{seconds:.0f}"})
+        print(rows[-2], rows[-1], sep="\n", flush=True)
     return rows
 
 
-def cross_subject(every: int, budget: float, train_seeds: list[int], test_seeds: list[int], seed: int) -> list[dict]:
-    clock = Clock()
-    subjects = mni_subjects([*train_seeds, *test_seeds])
-    train, test = subjects[: len(train_seeds)], subjects[len(train_seeds) :]
-    print(f"{len(subjects)} subjects made: {clock.row()}", flush=True)
-
-    clock = Clock()
-    cases = [TrainingCase(s.volume, s.labels, SEGMENTS, every_kth(s.labels, every), f"subject {s.seed}") for s in train]
-    result = finetune_cohort(cases, config(budget, seed))
-    hsam = [scores(segment_volume(result.model, s.volume, result.metadata, device="cpu").labels, s.labels) for s in test]
-    rows = [{"method": f"H-SAM tiny, {budget:.0f} s budget", **averaged(hsam),
-             "epochs": result.metadata.training["epochs"], **clock.row()}]
-    print(rows[-1], flush=True)
-
-    clock = Clock()
-    single, fused = [], []
-    for target in test:
-        carried = [atlas_registration(a.volume.array, a.labels, target.volume.array, target.volume.spacing) for a in train]
-        single += [scores(c, target.labels) for c in carried]
-        fused.append(scores(majority_vote(carried), target.labels))
-    registration = clock.row()
-    rows.append({"method": "atlas registration, one atlas (mean over atlases)", **averaged(single), **registration})
-    rows.append({"method": f"atlas registration, majority vote of {len(train)}", **averaged(fused), **registration})
-    print(rows[-2:], flush=True)
-    return rows
+def prompt_free_recipe(data: Dataset, every: int, budget: float, seed: int, loads: list[float]) -> dict:
+    """The paper's prompt-free H-SAM, trained without guidance."""
+    annotated = annotate_every(data.labels, every)
+    evaluated = [z for z in annotated_slices(data.labels, 0) if z not in annotated]
+    loads.append(os.getloadavg()[0])
+    config = FinetuneConfig(preset="tiny", time_budget=budget, preprocessing=data.preprocessing, device="cpu",
+                            seed=seed, slices=annotated)
+    result = finetune(data.volume, data.labels, data.segments, config)
+    loads.append(os.getloadavg()[0])
+    predicted = segment_volume(result.model, data.volume, result.metadata, device="cpu").labels
+    return {"k": every, "method": f"H-SAM prompt-free recipe (no guidance), {budget:.0f} s",
+            **scores(predicted[evaluated], data.labels[evaluated], data.segments),
+            "epochs": result.metadata.training["epochs"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--every", type=int, default=10, help="annotate every k-th labelled axial slice")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[240.0, 120.0],
-                        help="within-volume fine-tuning budgets in seconds")
-    parser.add_argument("--cohort-budget", type=float, default=240.0, help="cross-subject fine-tuning budget")
-    parser.add_argument("--train-seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--test-seeds", type=int, nargs="+", default=[101, 102])
-    parser.add_argument("--seed", type=int, default=2345, help="training seed")
+    parser.add_argument("--datasets", nargs="+", default=["mni", "ct"], choices=("mni", "ct"))
+    parser.add_argument("--every", type=int, nargs="+", default=[10, 5, 20], help="annotate every k-th labelled slice")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[60.0, 120.0, 240.0], help="seconds of training")
+    parser.add_argument("--prompt-free-budget", type=float, default=None,
+                        help="also train the prompt-free recipe this long at the first k")
+    parser.add_argument("--ct", type=Path, help="CT volume (e.g. TotalSegmentator's tests/reference_files/example_ct.nii.gz)")
+    parser.add_argument("--ct-labels", type=Path, help="its labelmap (e.g. example_seg.nii.gz, same folder)")
+    parser.add_argument("--seed", type=int, default=2345)
     parser.add_argument("--update-docs", action="store_true", help="write the tables into docs/performance.md")
+    parser.add_argument("--force", action="store_true", help="write them even when the machine was loaded")
     args = parser.parse_args()
+    if "ct" in args.datasets and (args.ct is None or args.ct_labels is None):
+        parser.error("the ct dataset needs --ct and --ct-labels")
 
-    load_before, clock = os.getloadavg(), Clock()
-    within = within_volume(args.every, args.budgets, args.seed)
-    cross = cross_subject(args.every, args.cohort_budget, args.train_seeds, args.test_seeds, args.seed)
-    total, load_after = clock.row(), os.getloadavg()
-
-    within_text, cross_text = table(within, COLUMNS), table(cross, COLUMNS)
-    print(within_text, cross_text, sep="\n\n")
-    if args.update_docs:
-        command = (f"python benchmarks/bench_fewshot.py --every {args.every} --budgets "
-                   f"{' '.join(f'{b:.0f}' for b in args.budgets)} --cohort-budget {args.cohort_budget:.0f} "
-                   f"--train-seeds {' '.join(map(str, args.train_seeds))} "
-                   f"--test-seeds {' '.join(map(str, args.test_seeds))} --seed {args.seed} --update-docs")
-        load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(load_before, load_after))
-        update_docs("Few-shot: H-SAM against Slicer's baselines", command, (
-            f"Whole run: {total['wall s']} s wall, {total['CPU s']} CPU seconds (this process, all threads). "
-            f"The 2 cores were shared with other work while it ran: load average (1, 5, 15 min) {load} at "
-            "start/end, so the time budgets bought fewer epochs than on an idle machine.\n\n"
-            f"**Within one volume** (MNI152 2009a, every {args.every}th labelled axial slice annotated; Dice on "
-            "the unannotated labelled slices):\n\n" + within_text + "\n\n"
-            f"**Across subjects** (synthetic subjects of `hsam.subjects`; training seeds "
-            f"{', '.join(map(str, args.train_seeds))}, every {args.every}th labelled axial slice of each annotated; "
-            f"test seeds {', '.join(map(str, args.test_seeds))}, Dice over the whole volume, mean over test subjects):\n\n"
-            + cross_text + "\n\n"
-            "The synthetic subjects are one anatomy under a smooth warp (B-spline, control points every 40 mm, plus "
-            "a small affine), which atlas registration models exactly (its B-spline also has control points every "
-            "~40 mm): the setting favours registration over what real inter-subject variation would allow."
-        ))
+    loads: list[float] = [os.getloadavg()[0]]
+    sections = []
+    for name in args.datasets:
+        data = mni() if name == "mni" else ct(args.ct, args.ct_labels)
+        rows = [row for every in args.every for row in evaluate(data, every, args.budgets, args.seed, loads)]
+        if args.prompt_free_budget:
+            rows.append(prompt_free_recipe(data, args.every[0], args.prompt_free_budget, args.seed, loads))
+            print(rows[-1], flush=True)
+        columns = ["k", "method", *[s.name for s in data.segments], "mean", "epochs", "train s"]
+        sections.append((data.name, table(rows, columns)))
+    loads.append(os.getloadavg()[0])
+    text = "\n\n".join(f"**{name}**\n\n{body}" for name, body in sections)
+    print(text, f"1-minute load average: {', '.join(f'{l:.2f}' for l in loads)}", sep="\n\n")
+    if not args.update_docs:
+        return
+    loaded = max(loads) > MAX_LOAD
+    if loaded and not args.force:
+        raise SystemExit(f"not written: the 1-minute load reached {max(loads):.2f} (> {MAX_LOAD}); rerun alone or --force")
+    command = " ".join(["python benchmarks/bench_fewshot.py", *sys.argv[1:]])
+    note = (f"**Loaded machine: the 1-minute load reached {max(loads):.2f}; these figures are not evidence.**\n\n"
+            if loaded else "")
+    update_docs("Few-shot: guided H-SAM against Slicer's baselines", command, (
+        note + "1-minute load average before and after each training run: "
+        f"{', '.join(f'{l:.2f}' for l in loads)}. k: every k-th labelled axial slice annotated; Dice per class on "
+        "the labelled slices that were not annotated.\n\n" + text))
 
 
 if __name__ == "__main__":

@@ -39,10 +39,33 @@ class PriorEncoder(nn.Module):
         return self.layers(probabilities)
 
 
-class PriorGuidance(nn.Module):
-    """What a guided H-SAM adds: the prior encoder and one gate per class and stage, starting at 0.
+class PixelRefinement(nn.Module):
+    """Three 3×3 convolutions over the image and the class probabilities at the input resolution, where
+    the decoders see only features upsampled from the 16× coarser embedding: (B, 1 + K, S, S) ->
+    (B, K, S, S) logits, zero at initialisation (the last layer starts at 0)."""
 
-    Guided logits = prior logits + gate · decoder logits, so an untrained guided model returns its prior.
+    def __init__(self, num_classes: int, channels: int = 16) -> None:
+        super().__init__()
+        k = num_classes + 1
+        self.layers = nn.Sequential(
+            nn.Conv2d(1 + k, channels, 3, padding=1), nn.GELU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
+            nn.Conv2d(channels, k, 3, padding=1),
+        )
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, image: Tensor, logits: Tensor) -> Tensor:
+        """image: (B, 1, S, S); logits: (B, K, S, S)."""
+        return self.layers(torch.cat([image.to(logits.dtype), torch.softmax(logits, dim=1)], dim=1))
+
+
+class PriorGuidance(nn.Module):
+    """What a guided H-SAM adds: the prior encoder, one gate per class and stage starting at 0, and a
+    pixel refinement whose last layer starts at 0.
+
+    Guided logits = prior logits + gate · decoder logits (+ the refinement at stage 2), so an
+    untrained guided model returns its prior.
     """
 
     def __init__(self, num_classes: int, embed_dim: int) -> None:
@@ -50,6 +73,7 @@ class PriorGuidance(nn.Module):
         self.prior_encoder = PriorEncoder(num_classes, embed_dim)
         self.stage1_gate = nn.Parameter(torch.zeros(num_classes + 1))
         self.stage2_gate = nn.Parameter(torch.zeros(num_classes + 1))
+        self.refinement = PixelRefinement(num_classes)
 
     def dense_embeddings(self, prior: Tensor, mask_size: int) -> Tensor:
         """prior: (B, K+1, S, S) logits -> the dense prompt (B, C, h, w) from its class probabilities

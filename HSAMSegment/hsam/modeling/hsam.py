@@ -92,7 +92,17 @@ class HSAM(nn.Module):
             raise ValueError(f"expected images of size {self.img_size}, got {tuple(images.shape[-2:])}")
         if prior is not None and self.guidance is None:
             raise ValueError("this model was not trained with a prior")
-        return self.decode(self.image_encoder(images), labels, prior)
+        output = self.decode(self.image_encoder(images), labels, prior)
+        return output if self.guidance is None else self.refine(images, output, prior)
+
+    def refine(self, images: Tensor, output: HSAMOutput, prior: Optional[Tensor]) -> HSAMOutput:
+        """A guided model's pixel refinement added to stage 2 (and so to the mean prediction)."""
+        refinement = self.guidance.refinement(images[:, :1], output.stage2_logits)
+        stage2 = output.stage2_logits + refinement
+        if prior is None:
+            return HSAMOutput(output.stage1_logits, stage2, output.masks + refinement / 2)
+        correction = output.correction + refinement / 2
+        return HSAMOutput(output.stage1_logits, stage2, prior.to(correction.dtype) + correction, correction)
 
     def decode(self, embeddings: Tensor, labels: Optional[Tensor] = None, prior: Optional[Tensor] = None) -> HSAMOutput:
         """Both decoding stages from image embeddings (B, C, S/16, S/16); labels, prior as in ``forward``."""
