@@ -169,6 +169,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probeJob = None
         self._deviceProbe = None
         self._jobVolume = None
+        self._jobMode = "prompt-free"
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -375,8 +376,11 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             sliceRange = (p.firstSlice, p.lastSlice) if p.useSliceRange else None
-            job = self.logic.segmenter.startSegmentation(p.inputVolume, p.modelPath, p.device, p.batchSize, sliceRange)
+            annotations = self.logic.segmenter.defaultAnnotations(p.inputVolume, p.modelPath)
+            job = self.logic.segmenter.startSegmentation(p.inputVolume, p.modelPath, p.device, p.batchSize, sliceRange,
+                                                         annotations)
             self._jobVolume = p.inputVolume
+            self._jobMode = f"guided by '{annotations.GetName()}'" if annotations is not None else "prompt-free"
             self._segmentJob.start(job)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the HSAM worker…"
@@ -412,7 +416,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=volumeNode)
             self.ui.progressBar.value = 100
             count = node.GetSegmentation().GetNumberOfSegments()
-            self.ui.statusLabel.text = f"Done: {count} segment(s) in '{node.GetName()}'."
+            self.ui.statusLabel.text = f"Done ({self._jobMode}): {count} segment(s) in '{node.GetName()}'."
 
     # --- export -------------------------------------------------------------------------------
 

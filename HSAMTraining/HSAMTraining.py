@@ -306,10 +306,6 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             trainer = self.logic.trainer
             pairs = self._pairs.cohort(slicer.mrmlScene, p.inputVolume, p.segmentation)
-            if len(pairs) == 1:
-                data = [trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis)]
-            else:
-                data = trainer.prepareCohort(pairs, p.sliceAxis)
             config = trainer.makeConfig(
                 baseModel=p.baseModel,
                 epochs=p.epochs,
@@ -319,6 +315,10 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device,
                 sliceAxis=p.sliceAxis,
             )
+            if len(pairs) == 1:
+                data = [trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis, config.isGuided())]
+            else:
+                data = trainer.prepareCohort(pairs, p.sliceAxis, config.isGuided())
             name = self._jobName = p.outputName.strip()
             self._job.start(trainer.startFinetune(data, config))
             self._curves = TrainingCurves(slicer.mrmlScene, f"HSAM training {name}")

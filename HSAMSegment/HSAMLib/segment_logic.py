@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from hsam.errors import InputError
-from hsam.io import Segment, read_labelmap, write_volume
+from hsam.io import Segment, read_labelmap, write_segmentation, write_volume
 
-from . import mrml
+from . import models, mrml
 from .worker import WorkerJob
 
 # Called with each batch of progress events of the worker (``hsam.progress``).
 OnEvents = Callable[[list], None]
 INPUT_FILE = "input.nrrd"
+ANNOTATIONS_FILE = "annotations.seg.nrrd"
 RESULT_FILE = "result.seg.nrrd"
+# Marks the segmentation nodes HSAM wrote, which are results, never annotations.
+RESULT_ATTRIBUTE = "HSAM.Result"
 
 
 def job_with_volume(python: Optional[str], name: str, volumeNode) -> WorkerJob:
@@ -48,8 +51,10 @@ class HSAMSegmentLogic:
         device: str = "auto",
         batchSize: int = 4,
         sliceRange: Optional[tuple[int, int]] = None,
+        annotationsNode=None,
     ) -> WorkerJob:
-        """Start segmenting ``volumeNode`` (read from the scene here, on the main thread)."""
+        """Start segmenting ``volumeNode`` (read from the scene here, on the main thread); a guided
+        model corrects the interpolation of ``annotationsNode``'s annotated slices when given."""
         modelPath = Path(modelPath)
         if not modelPath.is_file():
             raise InputError(f"model file not found: {modelPath}")
@@ -60,7 +65,30 @@ class HSAMSegmentLogic:
         ]
         if sliceRange is not None:
             arguments += ["--slices", f"{int(sliceRange[0])}:{int(sliceRange[1])}"]
+        if annotationsNode is not None:
+            try:
+                labels, segments = mrml.labels_from_segmentation(annotationsNode, volumeNode)
+                write_segmentation(job.folder / ANNOTATIONS_FILE, labels, mrml.volume_from_node(volumeNode), segments)
+            except BaseException:
+                job.cleanup()
+                raise
+            arguments += ["--annotations", job.folder / ANNOTATIONS_FILE]
         return job.start(arguments)
+
+    def defaultAnnotations(self, volumeNode, modelPath):
+        """The segmentation to guide a guided model with by default: for the volume the model was
+        fine-tuned on, a segmentation of that volume that HSAM did not write (None otherwise)."""
+        metadata = models.read_model(modelPath).metadata
+        cases = (metadata.get("training") or {}).get("cases") or []
+        if not metadata.get("guidance") or volumeNode.GetName() not in [case.get("name") for case in cases]:
+            return None
+        scene = volumeNode.GetScene()
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+            node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+            reference = node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole())
+            if reference == volumeNode.GetID() and not node.GetAttribute(RESULT_ATTRIBUTE):
+                return node
+        return None
 
     def loadResult(self, job: WorkerJob, volumeNode, segmentationNode=None):
         """Put a finished job's segments (names, colours, terminology, label values) into a new or the
@@ -75,7 +103,9 @@ class HSAMSegmentLogic:
     def writeResult(self, labels, segments: list[Segment], volumeNode, segmentationNode=None):
         """Put labels (z, y, x) on the volume's grid into a (new or overwritten) segmentation node."""
         name = f"{volumeNode.GetName()} HSAM"
-        return mrml.labels_to_segmentation(labels, segments, volumeNode, segmentationNode, name)
+        node = mrml.labels_to_segmentation(labels, segments, volumeNode, segmentationNode, name)
+        node.SetAttribute(RESULT_ATTRIBUTE, "1")
+        return node
 
     def segment(
         self,
@@ -86,13 +116,15 @@ class HSAMSegmentLogic:
         batchSize: int = 4,
         sliceRange: Optional[tuple[int, int]] = None,
         onEvents: Optional[OnEvents] = None,
+        annotationsNode=None,
     ):
         """Segment ``volumeNode`` with the bundle at ``modelPath`` and wait; returns the segmentation node.
 
         ``segmentationNode`` is overwritten if given, else a new node is added. A failed run raises
-        ``HSAMError`` with the worker's message and leaves the scene unchanged.
+        ``HSAMError`` with the worker's message and leaves the scene unchanged. ``annotationsNode``:
+        as in ``startSegmentation``.
         """
-        job = self.startSegmentation(volumeNode, modelPath, device, batchSize, sliceRange)
+        job = self.startSegmentation(volumeNode, modelPath, device, batchSize, sliceRange, annotationsNode)
         job.wait(on_events=onEvents)
         return self.loadResult(job, volumeNode, segmentationNode)
 

@@ -76,6 +76,7 @@ class TrainingOptions:
     device: str = "auto"
     sliceAxis: str = "axial"
     imageSize: Optional[int] = None  # network input; None: the preset's default
+    guided: bool = True  # the annotations guide the model (``hsam finetune --guided``)
 
     def arguments(self) -> list[str]:
         """The ``hsam finetune`` options."""
@@ -87,7 +88,13 @@ class TrainingOptions:
                               ("--lr", self.learningRate), ("--img-size", self.imageSize)):
             if value:
                 arguments += [option, str(value)]
-        return arguments
+        return arguments + (["--guided"] if self.isGuided() else [])
+
+    def isGuided(self) -> bool:
+        """Guided training: asked for, and not continuing a prompt-free model (which stays prompt-free)."""
+        if not self.guided or self.baseModel == TINY_PRESET or self.baseModel.startswith(SAM_PREFIX):
+            return self.guided
+        return bool(models.read_model(self.baseModel).metadata.get("guidance"))
 
 
 def move_into_folder(source: Path, target: Path) -> Path:
@@ -152,8 +159,9 @@ class HSAMTrainingLogic:
         """Annotated slices of the segmentation on the volume's grid, with per-segment counts."""
         return mrml.annotated_slices(segmentationNode, volumeNode, axis)
 
-    def prepare(self, volumeNode, segmentationNode, axis: str = "axial") -> TrainingData:
-        """Read the volume and labels out of the scene (main thread); checks that training can start."""
+    def prepare(self, volumeNode, segmentationNode, axis: str = "axial", guided: bool = False) -> TrainingData:
+        """Read the volume and labels out of the scene (main thread); checks that training can start
+        (``guided``: at least two annotated slices)."""
         volume = mrml.volume_from_node(volumeNode)
         labels, segments = mrml.labels_from_segmentation(segmentationNode, volumeNode)
         annotated = mrml.count_annotated_slices(labels, segments, axis)
@@ -161,12 +169,14 @@ class HSAMTrainingLogic:
             raise InputError(f"segmentation '{segmentationNode.GetName()}' has no annotated {axis} slice")
         if annotated.missing:
             raise InputError(f"segments without any annotated slice: {', '.join(annotated.missing)}")
+        if guided and len(annotated.slices) < 2:
+            raise InputError(f"annotate at least 2 {axis} slices: the model learns each from the others")
         return TrainingData(volume, labels, segments, annotated, volumeNode.GetName())
 
-    def prepareCohort(self, pairs: Sequence[tuple], axis: str = "axial") -> list[TrainingData]:
+    def prepareCohort(self, pairs: Sequence[tuple], axis: str = "axial", guided: bool = False) -> list[TrainingData]:
         """``prepare`` for several (volume node, segmentation node) pairs. Each pair needs an annotated
-        slice; a segment may be missing from some pairs (classes are matched by name across pairs)
-        but not from all."""
+        slice (two when ``guided``); a segment may be missing from some pairs (classes are matched by
+        name across pairs) but not from all."""
         if not pairs:
             raise InputError("add at least one (volume, segmentation) pair to train on")
         cohort = []
@@ -176,6 +186,9 @@ class HSAMTrainingLogic:
             annotated = mrml.count_annotated_slices(labels, segments, axis)
             if not annotated.slices:
                 raise InputError(f"segmentation '{segmentationNode.GetName()}' has no annotated {axis} slice")
+            if guided and len(annotated.slices) < 2:
+                raise InputError(f"annotate at least 2 {axis} slices of '{volumeNode.GetName()}': the model learns "
+                                 "each from the others")
             cohort.append(TrainingData(volume, labels, segments, annotated, volumeNode.GetName()))
         annotatedSomewhere = {s.name.strip().casefold() for d in cohort for s in d.segments if s.name not in d.annotated.missing}
         missing = sorted({s.name for d in cohort for s in d.segments if s.name.strip().casefold() not in annotatedSomewhere})
@@ -227,7 +240,7 @@ class HSAMTrainingLogic:
         modelsFolder: Optional[Path] = None,
     ) -> Path:
         """Fine-tune a model on the annotated slices of ``segmentationNode`` and wait; returns the bundle path."""
-        data = self.prepare(volumeNode, segmentationNode, config.sliceAxis)
+        data = self.prepare(volumeNode, segmentationNode, config.sliceAxis, config.isGuided())
         job = self.startFinetune(data, config)
         job.wait(on_events=onEvents)
         return self.saveModel(job, outputName, modelsFolder)
@@ -242,6 +255,6 @@ class HSAMTrainingLogic:
     ) -> Path:
         """Fine-tune one model on the annotated slices of several (volume node, segmentation node) pairs
         and wait; returns the bundle path."""
-        job = self.startFinetune(self.prepareCohort(pairs, config.sliceAxis), config)
+        job = self.startFinetune(self.prepareCohort(pairs, config.sliceAxis, config.isGuided()), config)
         job.wait(on_events=onEvents)
         return self.saveModel(job, outputName, modelsFolder)
