@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from hsam.baselines import nearest_slice_copy
-from hsam.demo import brain_labels, run_demo, template_path
-from hsam.io import read_volume
+from hsam.demo import TITLE_HEIGHT, brain_labels, run_demo, template_path
+from hsam.io import read_labelmap, read_volume
 from hsam.training import annotated_slices
 
 pytest.importorskip("nilearn")
@@ -66,8 +66,9 @@ def test_demo_writes_every_file(tmp_path):
 
     with open(result.files["scores"]) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and {r["class"] for r in rows} == {"Grey matter", "White matter"}
-    assert {r["method"] for r in rows} == {"H-SAM tiny", "nearest-slice copy", "Fill between slices"}
+    assert len(rows) == 8 and {r["class"] for r in rows} == {"Grey matter", "White matter"}
+    assert {r["method"] for r in rows} == {"H-SAM tiny guided", "H-SAM tiny prompt-free", "nearest-slice copy",
+                                           "Fill between slices"}
     assert all(0 <= float(r["dice"]) <= 1 for r in rows)
     dice = {(r["class"], r["method"]): float(r["dice"]) for r in rows}
     for name in ("Grey matter", "White matter"):  # both baselines near 0.8, not the same segmentation
@@ -76,7 +77,9 @@ def test_demo_writes_every_file(tmp_path):
     assert len(result.annotated_slices) == 15 and len(result.evaluated_slices) == 152 - 15
 
     width, height = read_png_size(result.files["overlay"])
-    assert height == 2 * 233 + 2 and width == 4 * 197 + 3 * 2
+    assert height == 3 * (233 + TITLE_HEIGHT) and width == 4 * 197 + 3 * 2  # reference, guided, prompt-free
+    guided, _ = read_labelmap(result.files["segmentation"], reference=image)
+    np.testing.assert_array_equal(guided[result.annotated_slices], labels[result.annotated_slices])
     readme = result.files["readme"].read_text(encoding="utf-8")
     assert "Fonov" in readme and "Fill between slices" in readme
     assert "Dice" in result.table() and "Fill between slices" in result.table()

@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError
 from .files import Outputs, write_bytes_atomic
+from .presets import DEFAULT_PRIOR
 
 PathLike = Union[str, os.PathLike]
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
@@ -40,6 +41,7 @@ CPU_TIME_BUDGET = 240.0
 DEFAULT_EPOCHS = 300
 OVERLAY_SLICES = 4
 OVERLAY_OPACITY = 0.45
+TITLE_HEIGHT = 16
 
 
 @dataclass
@@ -54,9 +56,9 @@ class DemoResult:
 
     def table(self) -> str:
         """The scores as aligned text."""
-        lines = [f"{'class':<14}{'method':<22}{'Dice':>7}{'HD95 mm':>10}"]
+        lines = [f"{'class':<14}{'method':<26}{'Dice':>7}{'HD95 mm':>10}"]
         for row in self.scores:
-            lines.append(f"{row['class']:<14}{row['method']:<22}{row['dice']:>7.3f}{_mm(row['hd95_mm']):>10}")
+            lines.append(f"{row['class']:<14}{row['method']:<26}{row['dice']:>7.3f}{_mm(row['hd95_mm']):>10}")
         return "\n".join(lines)
 
 
@@ -116,9 +118,18 @@ def _write_png(path: Path, rgb: np.ndarray, outputs: Outputs) -> None:
     write_bytes_atomic(path, png, outputs=outputs)
 
 
-def overlay_image(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, slices: list[int], anterior_up: bool) -> np.ndarray:
-    """(H, W, 3) uint8: the chosen axial slices side by side, reference labels on the top row and
-    the prediction on the bottom row, coloured over the grey image."""
+def _title(text: str, width: int) -> np.ndarray:
+    """(TITLE_HEIGHT, width, 3) float: ``text`` in black on white (Pillow's built-in bitmap font)."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (width, TITLE_HEIGHT), "white")
+    ImageDraw.Draw(band).text((4, 2), text, fill="black")
+    return np.asarray(band, dtype=np.float32) / 255.0
+
+
+def overlay_image(image: np.ndarray, rows: list[tuple[str, np.ndarray]], slices: list[int], anterior_up: bool) -> np.ndarray:
+    """(H, W, 3) uint8: the chosen axial slices side by side, one row per (title, labels) of ``rows``
+    under its title, the labels coloured over the grey image."""
     lo, hi = np.percentile(image, [0.5, 99.5])
     grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
     colours = np.zeros((max(v for _, v, _ in CLASSES) + 1, 3), dtype=np.float32)
@@ -132,12 +143,12 @@ def overlay_image(image: np.ndarray, reference: np.ndarray, prediction: np.ndarr
         return base[::-1] if anterior_up else base
 
     gap = np.ones((grey.shape[1], 2, 3), dtype=np.float32)
-    rows = []
-    for labels in (reference, prediction):
-        row = [tile(labels, z) for z in slices]
-        rows.append(np.concatenate([part for t in row for part in (t, gap)][:-1], axis=1))
-    separator = np.ones((2, rows[0].shape[1], 3), dtype=np.float32)
-    return (np.concatenate([rows[0], separator, rows[1]], axis=0) * 255).round().astype(np.uint8)
+    bands = []
+    for title, labels in rows:
+        tiles = [tile(labels, z) for z in slices]
+        row = np.concatenate([part for t in tiles for part in (t, gap)][:-1], axis=1)
+        bands += [_title(title, row.shape[1]), row]
+    return (np.concatenate(bands, axis=0) * 255).round().astype(np.uint8)
 
 
 def _readme(result: DemoResult, model_name: str) -> str:
@@ -147,13 +158,16 @@ def _readme(result: DemoResult, model_name: str) -> str:
         f"Grey and white matter labels come from the template's probability maps (> 0.5, the larger wins). "
         f"{len(result.annotated_slices)} axial slices (every {ANNOTATE_EVERY}th labelled slice: "
         f"{', '.join(map(str, result.annotated_slices))}) were used as annotations to fine-tune H-SAM "
-        f"({model_name}); the whole volume was then segmented. Scores on the "
+        f"({model_name}) in guided mode; the whole volume was then segmented twice: guided (the model "
+        "corrects the interpolation of the annotated slices, which it keeps as drawn) and prompt-free "
+        "(as the paper's H-SAM, from the image alone). Scores on the "
         f"{len(result.evaluated_slices)} unannotated labelled slices, beside what 3D Slicer gives from the same "
         "annotations: copying the nearest annotated slice, and the Segment Editor's Fill between slices "
         f"(morphological contour interpolation):\n\n{result.table()}\n\n"
-        "Files: mni152_t1.nrrd (image), labels.nrrd (reference labels), segmentation.seg.nrrd (H-SAM, "
-        "open it in 3D Slicer over the image), overlay.png (top: reference, bottom: H-SAM), dice.csv, "
-        "demo.hsam (the fine-tuned model: hsam segment IMAGE -m demo.hsam -o OUT.seg.nrrd).\n"
+        "Files: mni152_t1.nrrd (image), labels.nrrd (reference labels), segmentation.seg.nrrd (H-SAM guided, "
+        "open it in 3D Slicer over the image), overlay.png (rows: reference, guided, prompt-free), dice.csv, "
+        "demo.hsam (the fine-tuned model: hsam segment IMAGE -m demo.hsam -o OUT.seg.nrrd "
+        "[--annotations ANNOTATED.seg.nrrd]).\n"
     )
 
 
@@ -218,6 +232,7 @@ def run_demo(
         device=str(torch_device),
         cmattn=cmattn,
         seed=seed,
+        guidance=DEFAULT_PRIOR,
     )
 
     def on_step(p) -> None:
@@ -226,16 +241,22 @@ def run_demo(
     report(0.05, f"fine-tuning {preset} on {len(annotated)} annotated slices ({annotated[0]}, {annotated[1]}, …)")
     result = finetune(volume, labels, segments, config, progress=on_step, cancel=cancel)
 
-    report(0.8, "segmenting the whole volume")
-    predicted = segment_volume(
-        result.model, volume, result.metadata, device=torch_device,
-        progress=lambda f, m: report(min(0.8 + 0.15 * f, 0.95), f"segmenting: {m}"), cancel=cancel,
-    ).labels
+    drawn = np.zeros_like(labels)
+    drawn[annotated] = labels[annotated]
+    predictions = {}
+    for index, (mode, annotations) in enumerate((("guided", drawn), ("prompt-free", None))):
+        start = 0.8 + 0.075 * index
+        report(start, f"segmenting the whole volume, {mode}")
+        predictions[f"H-SAM {preset} {mode}"] = segment_volume(
+            result.model, volume, result.metadata, device=torch_device, annotations=annotations,
+            progress=lambda f, m: report(min(start + 0.075 * f, 0.95), f"segmenting {mode}: {m}"), cancel=cancel,
+        ).labels
     if cancel is not None and cancel.is_set():
         raise Cancelled("demo cancelled")
+    predicted = predictions[f"H-SAM {preset} guided"]
 
     report(0.95, "scoring and writing the results")
-    tables = {"H-SAM " + preset: _score(predicted, labels, evaluated, volume.spacing)}
+    tables = {method: _score(p, labels, evaluated, volume.spacing) for method, p in predictions.items()}
     tables.update({method: _score(b, labels, evaluated, volume.spacing) for method, b in baselines.items()})
     scores = []
     for name, value, _ in CLASSES:
@@ -260,7 +281,8 @@ def run_demo(
         write_labelmap(files["labels"], labels, volume, outputs=outputs)
         shown = [evaluated[int(i)] for i in np.linspace(0.3, 0.7, OVERLAY_SLICES) * (len(evaluated) - 1)]
         anterior_up = volume.direction[4] < 0  # LPS: y index growing anteriorly
-        _write_png(files["overlay"], overlay_image(volume.array, labels, predicted, shown, anterior_up), outputs)
+        rows = [("reference", labels), *predictions.items()]
+        _write_png(files["overlay"], overlay_image(volume.array, rows, shown, anterior_up), outputs)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["class", "method", "dice", "hd95_mm"], lineterminator="\n")
         writer.writeheader()
