@@ -45,16 +45,13 @@ JOB_FOLDER = re.compile(r"^hsam[\w-]*?-job-(\d+)-")
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
 
-def remove_orphaned_job_folders(parent: Optional[Path] = None) -> list[Path]:
-    """Remove the job folders (in ``parent``, default: the temporary folder) of processes that are gone:
-    Slicer crashed or was killed while a job ran. Returns the removed folders."""
-    removed = []
-    for path in Path(parent or tempfile.gettempdir()).iterdir():
+def remove_orphaned_job_folders() -> None:
+    """Remove the job folders, in the temporary folder, of processes that are gone: Slicer crashed or
+    was killed while a job ran."""
+    for path in Path(tempfile.gettempdir()).iterdir():
         match = JOB_FOLDER.match(path.name)
         if match and path.is_dir() and not process_exists(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def python_executable() -> str:
