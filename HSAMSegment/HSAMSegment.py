@@ -7,6 +7,7 @@ wires the panel: selectors, a worker job polled by a timer, progress, cancel and
 
 import logging
 import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +30,9 @@ from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin  # noqa: E402
+from HSAMLib.devices import device_choices  # noqa: E402
 
-DEVICES = ("auto", "cuda", "cpu", "mps")
+DEVICES = device_choices(sys.platform, platform.machine())
 POLL_INTERVAL_MS = 200
 
 
@@ -67,36 +69,36 @@ class HSAMSegmentParameterNode:
 
 def ensureDependencies() -> bool:
     """Check the engine's Python packages; offer, in one dialog, to install the missing ones. True when
-    all are present."""
+    all are present. Install errors are raised: call it inside ``slicer.util.tryWithErrorDisplay``."""
     from HSAMLib import dependencies
 
-    plan = dependencies.install_plan()
-    if plan.empty:
-        return True
-    if plan.unavailable:
-        slicer.util.errorDisplay(f"{', '.join(plan.unavailable)} is missing from this Slicer: reinstall Slicer.")
-        return False
-    if not slicer.util.confirmOkCancelDisplay(plan.describe() + "\n\nInstall them now? This may take several minutes."):
-        return False
-
-    def installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager, restart Slicer, then try again.")
+    with dependencies.exclusive() as allowed:
+        if not allowed:  # a click while pip runs: Slicer's pip_install processes GUI events meanwhile
+            slicer.util.showStatusMessage("HSAM is installing its Python packages; try again once it has finished.", 5000)
             return False
-        logic = PyTorchUtils.PyTorchUtilsLogic()
-        installed = logic.installTorch(
-            askConfirmation=False, torchVersionRequirement=torchRequirement, torchvisionVersionRequirement=torchvisionRequirement
-        )
-        return installed is not None
+        plan = dependencies.install_plan()
+        if plan.empty:
+            return True
+        if plan.problem:
+            slicer.util.errorDisplay(plan.problem)
+            return False
+        if not slicer.util.confirmOkCancelDisplay(plan.describe() + "\n\nInstall them now? This may take several minutes."):
+            return False
+        dependencies.install(plan, _installTorch, slicer.util.pip_install)
+        return dependencies.install_plan().empty
 
-    replaced = dependencies.install(plan, installTorch, slicer.util.pip_install)
-    if replaced and slicer.util.confirmYesNoDisplay(
-        f"{', '.join(replaced)} changed while in use. Restart Slicer now to use the new version?"
-    ):
-        slicer.util.restart()
-    return dependencies.install_plan().empty
+
+def _installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
+    try:
+        import PyTorchUtils
+    except ImportError:
+        slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager, restart Slicer, then try again.")
+        return False
+    logic = PyTorchUtils.PyTorchUtilsLogic()
+    installed = logic.installTorch(
+        askConfirmation=False, torchVersionRequirement=torchRequirement, torchvisionVersionRequirement=torchvisionRequirement
+    )
+    return installed is not None
 
 
 def reloadHSAMPackages() -> None:
@@ -157,17 +159,53 @@ class JobRunner:
             self._onFinished(job)
 
 
+class DeviceLabel:
+    """Fills ``label`` with what the device chosen in ``comboBox`` is on this computer. The first call
+    starts ``hsam devices`` in a worker process; its answer is kept for the session, for both panels."""
+
+    probe = None  # shared by every panel
+
+    def __init__(self, comboBox, label):
+        self._comboBox, self._label = comboBox, label
+        self._job = JobRunner(lambda events: None, self._onFinished)
+        comboBox.connect("currentTextChanged(QString)", self.update)
+
+    def update(self, text: str = "") -> None:
+        from HSAMLib import dependencies, devices
+
+        if DeviceLabel.probe is not None:
+            self._label.text = devices.describeChoice(DeviceLabel.probe, self._comboBox.currentText)
+        elif not dependencies.is_installed("torch"):
+            self._label.text = "PyTorch is not installed yet."
+        elif not self._job.running:
+            self._label.text = "Looking for GPUs…"
+            self._job.start(devices.startProbe())
+
+    def stop(self) -> None:
+        self._job.stop()
+
+    def _onFinished(self, job) -> None:
+        from hsam.errors import HSAMError
+        from HSAMLib import devices
+
+        try:
+            DeviceLabel.probe = devices.probeResult(job)
+        except HSAMError as e:
+            self._label.text = f"Cannot list the devices: {e}"
+            return
+        self.update()
+
+
 class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._gui = None
         self._segmentJob = None
         self._downloadJob = None
-        self._probeJob = None
-        self._deviceProbe = None
+        self._deviceLabel = None
         self._jobVolume = None
         self._jobMode = "prompt-free"
 
@@ -177,6 +215,9 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        from HSAMLib.parameters import ParameterGui
+
+        self._gui = ParameterGui()
         self.logic = HSAMSegmentLogic()
 
         from HSAMLib.models import SAM_WEIGHTS_NAMES
@@ -184,7 +225,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samWeightsComboBox.addItems(list(SAM_WEIGHTS_NAMES))
         self._segmentJob = JobRunner(self._onSegmentProgress, self._onSegmentFinished)
         self._downloadJob = JobRunner(self._onDownloadProgress, self._onDownloadFinished)
-        self._probeJob = JobRunner(lambda events: None, self._onProbeFinished)
+        self._deviceLabel = DeviceLabel(self.ui.deviceComboBox, self.ui.deviceInfoLabel)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -193,7 +234,6 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
-        self.ui.deviceComboBox.connect("currentTextChanged(QString)", self.updateDeviceInfo)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
@@ -202,7 +242,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for runner in (self._segmentJob, self._downloadJob, self._probeJob):
+        for runner in (self._segmentJob, self._downloadJob, self._deviceLabel):
             runner.stop()
         self.removeObservers()
 
@@ -214,12 +254,11 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.refreshModels()  # models trained in HSAM Training since the panel was last shown
         self.initializeParameterNode()
-        self.updateDeviceInfo()
+        self._deviceLabel.update()
 
     def exit(self) -> None:
+        self._gui.disconnect()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
@@ -231,17 +270,20 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        parameterNode = self.logic.getParameterNode()
+        if parameterNode.device not in DEVICES:  # a scene saved on another platform (e.g. "mps")
+            parameterNode.device = "auto"
+        self.setParameterNode(parameterNode)
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, parameterNode) -> None:
+        self._gui.disconnect()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._gui.connect(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self.selectModel(self._parameterNode.modelPath)
         self.updateButtons()
@@ -301,15 +343,16 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._downloadJob.running:
             self._downloadJob.cancel()
             return
-        if not ensureDependencies():
-            return
-        from HSAMLib.worker import WorkerJob
+        with slicer.util.tryWithErrorDisplay("Could not start the download.", waitCursor=True):
+            if not ensureDependencies():
+                return
+            from HSAMLib.worker import WorkerJob
 
-        name = self.ui.samWeightsComboBox.currentText
-        self._downloadJob.start(WorkerJob(name="hsam-download").start(["download", name, "--progress", "json"]))
-        self.ui.downloadWeightsButton.text = "Cancel download"
-        self.ui.downloadProgressBar.value = 0
-        self.ui.downloadProgressBar.visible = True
+            name = self.ui.samWeightsComboBox.currentText
+            self._downloadJob.start(WorkerJob(name="hsam-download").start(["download", name, "--progress", "json"]))
+            self.ui.downloadWeightsButton.text = "Cancel download"
+            self.ui.downloadProgressBar.value = 0
+            self.ui.downloadProgressBar.visible = True
 
     def _onDownloadProgress(self, events) -> None:
         self.ui.downloadProgressBar.value = int(100 * events[-1]["fraction"])
@@ -327,29 +370,6 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = f"SAM weights saved to {job.result['output']}"
         job.cleanup()
-
-    def updateDeviceInfo(self, name: str = "") -> None:
-        """Show what the chosen device is; the first call starts the device probe in a worker process."""
-        from HSAMLib import dependencies, devices
-
-        if self._deviceProbe is not None:
-            self.ui.deviceInfoLabel.text = devices.describeChoice(self._deviceProbe, self.ui.deviceComboBox.currentText)
-        elif not dependencies.is_installed("torch"):
-            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet."
-        elif not self._probeJob.running:
-            self.ui.deviceInfoLabel.text = "Looking for GPUs…"
-            self._probeJob.start(devices.startProbe())
-
-    def _onProbeFinished(self, job) -> None:
-        from hsam.errors import HSAMError
-        from HSAMLib import devices
-
-        try:
-            self._deviceProbe = devices.probeResult(job)
-        except HSAMError as e:
-            self.ui.deviceInfoLabel.text = f"Cannot list the devices: {e}"
-            return
-        self.updateDeviceInfo()
 
     # --- segmentation -------------------------------------------------------------------------
 

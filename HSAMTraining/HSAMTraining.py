@@ -29,14 +29,15 @@ if _SEGMENT_MODULE_DIR.is_dir() and str(_SEGMENT_MODULE_DIR) not in sys.path:
 
 from HSAMSegment import (  # noqa: E402
     DEVICES,
-    POLL_INTERVAL_MS,
+    DeviceLabel,
     JobRunner,
     ensureDependencies,
     reloadHSAMPackages,
     reportWorkerError,
 )
 
-SUMMARY_DELAY_MS = 3 * POLL_INTERVAL_MS  # the annotation summary follows painting at most this often
+# The annotation summary is counted again once painting has paused this long.
+SUMMARY_DELAY_MS = 1500
 
 SLICE_AXES = ("axial", "coronal", "sagittal")
 
@@ -79,13 +80,13 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._gui = None
         self._job = None
         self._jobName = None
         self._curves = None
-        self._summaryKey = None
         self._summaryTimer = None
-        self._observedSegmentation = None
+        self._annotations = None
+        self._deviceLabel = None
         self._pairs = None
         self._suggestJob = None
         self._suggestion = None  # (volume node, annotated slices, count) of the running suggestion
@@ -98,15 +99,19 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = HSAMTrainingLogic()
-
-        self._job = JobRunner(self._onProgress, self._onFinished)
         import qt
+        from HSAMLib.annotations import AnnotationTracker
+        from HSAMLib.parameters import ParameterGui
 
+        self._gui = ParameterGui()
+        self.logic = HSAMTrainingLogic()
+        self._job = JobRunner(self._onProgress, self._onFinished)
         self._summaryTimer = qt.QTimer()
         self._summaryTimer.setSingleShot(True)
         self._summaryTimer.setInterval(SUMMARY_DELAY_MS)
-        self._summaryTimer.connect("timeout()", lambda: self.updateAnnotationSummary(force=True))
+        self._summaryTimer.connect("timeout()", self.updateAnnotationSummary)
+        self._annotations = AnnotationTracker(onChanged=self._summaryTimer.start)
+        self._deviceLabel = DeviceLabel(self.ui.deviceComboBox, self.ui.deviceInfoLabel)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -161,7 +166,9 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self._job.stop()
         self._summaryTimer.stop()
+        self._annotations.stop()
         self._suggestJob.stop()
+        self._deviceLabel.stop()
         self.removeObservers()
 
     def onReload(self) -> None:
@@ -172,15 +179,21 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.refreshBaseModels()
         self.initializeParameterNode()
+        self._deviceLabel.update()
 
     def exit(self) -> None:
+        self._gui.disconnect()
+        self._annotations.stop()
+        self._summaryTimer.stop()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._job.cancel()
+        if self._job.running and not slicer.util.confirmYesNoDisplay(
+            "Fine-tuning is running. It has all it needs outside the scene and saves the model into the models "
+            "folder when it ends; only its curves close with the scene.\n\nKeep fine-tuning?"
+        ):
+            self._job.cancel()
         self._suggestJob.cancel()
         self._suggestionNodes = (None, None)
         self._shownSlices = None
@@ -194,7 +207,10 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        parameterNode = self.logic.getParameterNode()
+        if parameterNode.device not in DEVICES:  # a scene saved on another platform (e.g. "mps")
+            parameterNode.device = "auto"
+        self.setParameterNode(parameterNode)
         p = self._parameterNode
         if not p.inputVolume:
             p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
@@ -202,37 +218,22 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.segmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 
     def setParameterNode(self, parameterNode) -> None:
+        self._gui.disconnect()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._gui.connect(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.selectBaseModel(self._parameterNode.baseModel)
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        self.observeSegmentation(self._parameterNode.segmentation if self._parameterNode else None)
-        self.updateAnnotationSummary()
+        p = self._parameterNode
+        tracked = (p.segmentation, p.inputVolume, p.sliceAxis) if p else (None, None, "")
+        if self._annotations.follow(*tracked):
+            self.updateAnnotationSummary()
         self.updateButtons()
-
-    def observeSegmentation(self, segmentationNode) -> None:
-        """Follow painting in ``segmentationNode``: each change restarts the summary timer."""
-        segmentation = segmentationNode.GetSegmentation() if segmentationNode else None
-        if segmentation is self._observedSegmentation:
-            return
-        if self._observedSegmentation is not None:
-            self.removeObservers(self._onSegmentationChanged)
-        self._observedSegmentation = segmentation
-        if segmentation is not None:
-            from HSAMLib import mrml
-
-            for event in mrml.annotation_change_events():
-                self.addObserver(segmentation, event, self._onSegmentationChanged)
-
-    def _onSegmentationChanged(self, caller=None, event=None) -> None:
-        self._summaryTimer.start()
 
     # --- base model ---------------------------------------------------------------------------
 
@@ -261,20 +262,14 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- annotated slices ---------------------------------------------------------------------
 
-    def updateAnnotationSummary(self, force: bool = False) -> None:
-        p = self._parameterNode
-        if not (p and p.inputVolume and p.segmentation):
-            self.ui.annotationSummaryLabel.text = "Select a volume and a segmentation painted on a few slices."
-            self._summaryKey = None
-            return
-        key = (p.inputVolume.GetID(), p.segmentation.GetID(), p.segmentation.GetMTime(), p.sliceAxis)
-        if key == self._summaryKey and not force:
-            return
-        self._summaryKey = key
+    def updateAnnotationSummary(self) -> None:
         try:
-            annotated = self.logic.trainer.annotatedSlices(p.inputVolume, p.segmentation, p.sliceAxis)
+            annotated = self._annotations.summary()
         except Exception as e:  # shown in the panel; the Fine-tune button reports it properly
             self.ui.annotationSummaryLabel.text = f"Cannot read the annotations: {e}"
+            return
+        if annotated is None:
+            self.ui.annotationSummaryLabel.text = "Select a volume and a segmentation painted on a few slices."
             return
         text = annotated.summary().replace("\n", "<br>")
         if annotated.missing:

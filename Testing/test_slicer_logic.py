@@ -1,6 +1,8 @@
 """HSAMLib against a real MRML scene (PyPI slicer-core): geometry, segmentations, export, models.
 The worker-process paths (segment, fine-tune) are in test_worker.py."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from hsam.errors import CheckpointError, HSAMError, InputError  # noqa: E402
+from packaging.requirements import Requirement  # noqa: E402
 from hsam.io import Segment  # noqa: E402
 from HSAMLib import dependencies, models, mrml  # noqa: E402
 from HSAMLib.plots import TrainingCurves  # noqa: E402
@@ -250,6 +253,124 @@ def test_painting_fires_an_annotation_change_event_and_changes_the_summary(scene
     assert before == [1, 4] and mrml.annotated_slices(node, volume_node).slices == [1, 3, 4]
 
 
+def node_ids(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def test_reading_and_exporting_segments_adds_no_node_to_the_scene(scene, volume_node, labels_and_segments, tmp_path):
+    """Slicer's ExportSegmentsToLabelmapNode leaves a display node and a colour table per call: after
+    each pause in painting they would pile up and be saved with the scene."""
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    before = node_ids(scene)
+
+    for _ in range(3):
+        mrml.labels_from_segmentation(node, volume_node)
+        mrml.annotated_slices(node, volume_node, "coronal")
+        mrml.export_labelmap(node, volume_node, tmp_path / "labels.nrrd")
+        mrml.labels_to_segmentation(labels, segments, volume_node, node)
+
+    assert node_ids(scene) == before
+
+
+def paint(scene, volume_node, segmentation_node, segment_name: str, mask: np.ndarray) -> None:
+    """One stroke, as the Segment Editor applies it (``SetBinaryLabelmapToSegment``)."""
+    brush = mrml.node_from_volume(mrml.volume_from_node(volume_node), scene, "brush", labelmap=True)
+    mrml._set_image(brush, mask.astype(np.uint8))
+    stroke = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(brush)
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        stroke, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX)
+    scene.RemoveNode(brush)
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_annotation_tracker_counts_like_the_exported_labels(scene, volume_node, labels_and_segments, axis):
+    from HSAMLib.annotations import AnnotationTracker
+
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    changes = []
+    tracker = AnnotationTracker(onChanged=lambda: changes.append(1))
+    assert tracker.follow(node, volume_node, axis) and not tracker.follow(node, volume_node, axis)
+    assert tracker.summary().counts == mrml.annotated_slices(node, volume_node, axis).counts
+
+    stroke = np.zeros(SHAPE, bool)
+    stroke[3, 4:6, 4:6] = stroke[5, 0, 0] = True  # within the volume, on slices without annotation
+    paint(scene, volume_node, node, "spleen", stroke)
+    node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName("kidney")).SetName("renal")
+    assert changes
+    assert tracker.summary().counts == mrml.annotated_slices(node, volume_node, axis).counts
+    tracker.stop()
+
+
+def test_annotation_tracker_resamples_a_segmentation_on_another_grid(scene, volume_node):
+    from HSAMLib.annotations import AnnotationTracker
+
+    cropped_ras = oblique_ijk_to_ras()
+    cropped_ras[:3, 3] = cropped_ras[:3, :3] @ np.array([3.0, 2.0, 1.0]) + cropped_ras[:3, 3]  # (i, j, k) = (3, 2, 1)
+    sub = np.zeros((4, 6, 7), np.uint8)
+    sub[0, 1:3, 1:4] = 1
+    sub[3, 2:5, 2:6] = 1
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        add_volume(scene, sub, cropped_ras, "vtkMRMLLabelMapVolumeNode", "drawn"), node)
+    tracker = AnnotationTracker(onChanged=lambda: None)
+    tracker.follow(node, volume_node, "axial")
+
+    assert list(tracker.summary().counts.values()) == [{1: 6, 4: 12}]
+
+
+def test_a_stroke_counts_only_the_layer_of_the_painted_segment(scene, volume_node, labels_and_segments):
+    """Kidney is moved to a layer of its own and changed without telling anyone: painting liver (the
+    other layer) must not count kidney's layer again; an event for kidney does."""
+    from HSAMLib.annotations import AnnotationTracker
+
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    segmentation = node.GetSegmentation()
+    kidney = segmentation.GetSegmentIdBySegmentName("kidney")
+    segmentation.SeparateSegmentLabelmap(kidney)
+    assert segmentation.GetLayerIndex(kidney) != segmentation.GetLayerIndex(segmentation.GetSegmentIdBySegmentName("liver"))
+    tracker = AnnotationTracker(onChanged=lambda: None)
+    tracker.follow(node, volume_node, "axial")
+    assert tracker.summary().slices == [1, 4]
+
+    layer = segmentation.GetLayerDataObject(segmentation.GetLayerIndex(kidney))
+    extent = layer.GetExtent()
+    voxels = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(layer.GetDimensions()[::-1])
+    voxels[2 - extent[4], 0, 0] = segmentation.GetSegment(kidney).GetLabelValue()  # slice 2, no event
+    stroke = np.zeros(SHAPE, bool)
+    stroke[3, 1, 1] = True
+    paint(scene, volume_node, node, "liver", stroke)
+
+    summary = tracker.summary()
+    assert summary.counts["liver"] == {1: 12, 3: 1} and 2 not in summary.counts["kidney"]
+    segmentation.InvokeEvent(slicer.vtkSegmentation.RepresentationModified, kidney)
+    assert 2 in tracker.summary().counts["kidney"]
+
+
+def test_annotation_tracker_stops_observing_when_the_panel_is_left(scene, volume_node, labels_and_segments):
+    from HSAMLib.annotations import AnnotationTracker
+
+    labels, segments = labels_and_segments
+    node = mrml.labels_to_segmentation(labels, segments, volume_node)
+    changes = []
+    tracker = AnnotationTracker(onChanged=lambda: changes.append(1))
+    tracker.follow(node, volume_node, "axial")
+    tracker.summary()
+    tracker.stop()
+
+    stroke = np.zeros(SHAPE, bool)
+    stroke[3, 1, 1] = True
+    paint(scene, volume_node, node, "liver", stroke)
+    assert changes == []
+    assert tracker.follow(node, volume_node, "axial")  # back in the panel: everything is counted again
+    assert tracker.summary().slices == [1, 3, 4]
+    tracker.follow(None, volume_node, "axial")
+    assert tracker.summary() is None
+
+
 def test_segmentation_without_segments_is_rejected(scene, volume_node):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     with pytest.raises(InputError, match="no segments"):
@@ -372,8 +493,6 @@ def test_training_options_become_cli_arguments():
 
 
 def test_requirements_file_reads_like_slicer_packaging_and_is_installed_here():
-    from packaging.requirements import Requirement
-
     lines = [line.strip() for line in dependencies.REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()]
     specs = [line for line in lines if line and not line.startswith(("#", "-"))]
     assert [Requirement(line) for line in specs] == dependencies.read_requirements()  # no inline comments
@@ -394,8 +513,6 @@ def test_torch_minimum_matches_the_engine_and_pyproject():
 
 
 def test_missing_torchvision_alone_keeps_the_installed_torch():
-    from packaging.requirements import Requirement
-
     plan = dependencies.install_plan([Requirement("torch>=2.3"), Requirement("torchvision>=999")])
     assert plan.torch == f"=={dependencies.installed_version('torch')}" and plan.torchvision == ">=999"
     assert plan.pip == [] and not plan.empty and "for the installed PyTorch" in plan.describe()
@@ -405,42 +522,106 @@ def test_missing_torchvision_alone_keeps_the_installed_torch():
 
 
 def test_install_plan_never_replaces_what_slicer_ships():
-    from packaging.requirements import Requirement
-
     requirements = [Requirement("numpy>=999"), Requirement("SimpleITK"), Requirement("hsam-missing-package-xyz>=1")]
     plan = dependencies.install_plan(requirements)
     assert plan.unavailable == ["numpy"] and plan.pip == ["hsam-missing-package-xyz>=1"] and plan.torch is None
     with pytest.raises(HSAMError, match="numpy"):
         dependencies.install(plan, install_torch=lambda *a: True, pip_install=lambda spec: None)
 
-    calls = []
-    plan = dependencies.install_plan(requirements[1:] + [Requirement("torchvision>=999")])
-    dependencies.install(plan, install_torch=lambda *a: calls.append(a) or True, pip_install=calls.append)
-    assert calls == [(plan.torch, ">=999"), "--no-deps hsam-missing-package-xyz>=1"]  # one pip call, no dependencies
+    # In a fresh interpreter, as in Slicer before any module imported torch (a loaded torchvision is refused).
+    code = (
+        "from packaging.requirements import Requirement\n"
+        "from HSAMLib import dependencies\n"
+        "calls = []\n"
+        "plan = dependencies.install_plan([Requirement('hsam-missing-package-xyz>=1'), Requirement('torchvision>=999')])\n"
+        "dependencies.install(plan, install_torch=lambda *a: calls.append(list(a)) or True, pip_install=calls.append)\n"
+        "print(repr(calls))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "HSAMSegment")))
+    torch = f"=={dependencies.installed_version('torch')}"
+    assert result.stdout.strip() == repr([[torch, ">=999"], "--no-deps hsam-missing-package-xyz>=1"]), result.stderr
 
 
-def test_install_reports_packages_replaced_while_loaded(tmp_path, monkeypatch):
-    """A real distribution on sys.path whose metadata changes during the install, as pip would do it."""
+@pytest.fixture
+def installed_package(tmp_path, monkeypatch):
+    """A real distribution ``hsamtestpkg`` 1.0 on sys.path (module and metadata, as pip writes them);
+    the fixture's ``upgrade`` replaces it by 2.0 as pip would."""
     import importlib
 
     (tmp_path / "hsamtestpkg.py").write_text("VALUE = 1\n")
-    info = tmp_path / "hsamtestpkg-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
+    metadata = tmp_path / "hsamtestpkg-1.0.dist-info" / "METADATA"
+    metadata.parent.mkdir()
+    metadata.write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    plan = dependencies.InstallPlan(pip=["hsamtestpkg>=2"])
+    yield lambda spec: metadata.write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 2.0\n")
+    sys.modules.pop("hsamtestpkg", None)
 
-    def upgrade(spec):
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 2.0\n")
 
-    assert dependencies.install(plan, lambda *a: True, upgrade) == []  # upgraded, but never imported
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hsamtestpkg\nVersion: 1.0\n")
+def test_a_package_in_use_is_refused_before_anything_is_installed(installed_package):
+    """torch imported by another extension (PyTorchUtils) cannot be replaced in place: on Windows its
+    loaded DLLs would leave a half-replaced torch. The plan says so before any download."""
+    import importlib
+
+    requirements = [Requirement("hsamtestpkg>=2")]
+    plan = dependencies.install_plan(requirements)
+    assert plan.replaced == ["hsamtestpkg"] and plan.problem is None  # upgraded, but never imported
     importlib.import_module("hsamtestpkg")  # loaded in this session
-    try:
-        assert dependencies.install(plan, lambda *a: True, upgrade) == ["hsamtestpkg"]
-    finally:
-        del sys.modules["hsamtestpkg"]
+    plan = dependencies.install_plan(requirements)
+    assert "hsamtestpkg" in plan.problem and "Restart Slicer" in plan.problem
+
+    calls = []
+    with pytest.raises(HSAMError, match="hsamtestpkg"):
+        dependencies.install(plan, lambda *a: calls.append(a) or True, lambda spec: calls.append(installed_package(spec)))
+    assert calls == [] and dependencies.installed_version("hsamtestpkg") == "1.0"
+
+
+def test_torch_that_stays_is_not_replaced():
+    plan = dependencies.install_plan([Requirement("torch>=2.3"), Requirement("torchvision>=999")])
+    assert plan.replaced == ["torchvision"]
+    plan = dependencies.install_plan([Requirement("torch>=999"), Requirement("torchvision>=0.18")])
+    assert sorted(plan.replaced) == ["torch", "torchvision"]
+
+
+def test_intel_macs_are_told_before_any_download_that_pytorch_cannot_be_installed():
+    requirements = [Requirement("torch>=999"), Requirement("torchvision>=0.18")]
+    plan = dependencies.install_plan(requirements, system="darwin", machine="x86_64")
+    assert "x86_64" in plan.problem and "2.2.2" in plan.problem
+    calls = []
+    with pytest.raises(HSAMError, match="x86_64"):
+        dependencies.install(plan, lambda *a: calls.append(a) or True, calls.append)
+    assert calls == []
+    assert dependencies.install_plan(requirements, system="darwin", machine="arm64").platform_limit is None
+    assert dependencies.install_plan([Requirement("safetensors")], system="darwin", machine="x86_64").problem is None
+
+
+def test_mps_is_offered_only_on_apple_silicon():
+    from HSAMLib.devices import device_choices
+
+    assert device_choices("darwin", "arm64") == ("auto", "cuda", "cpu", "mps")
+    for system, machine in (("darwin", "x86_64"), ("linux", "x86_64"), ("linux", "aarch64"), ("win32", "AMD64")):
+        assert "mps" not in device_choices(system, machine)
+
+
+def test_a_second_install_cannot_start_while_one_runs():
+    """Slicer's pip_install processes GUI events for minutes: a click meanwhile enters again."""
+    answers = []
+
+    def pip_install(spec):
+        with dependencies.exclusive() as allowed:  # Segment clicked while pip runs
+            answers.append(allowed)
+
+    with dependencies.exclusive() as allowed:
+        assert allowed
+        dependencies.install(dependencies.InstallPlan(pip=["hsam-missing-package-xyz"]), lambda *a: True, pip_install)
+    assert answers == [False]
+    with pytest.raises(RuntimeError):
+        with dependencies.exclusive() as allowed:
+            assert allowed
+            raise RuntimeError("pip failed")
+    with dependencies.exclusive() as allowed:
+        assert allowed
 
 
 def test_training_curves_table_and_chart(scene):
@@ -513,3 +694,101 @@ def test_a_cohort_refuses_a_segment_annotated_in_no_pair(scene, volume_node, lab
     with pytest.raises(InputError, match="without any annotated slice: spleen$"):
         HSAMTrainingLogic().prepareCohort(pairs)
     assert len(HSAMTrainingLogic().prepareCohort([pairs[1]])) == 1  # kidney missing from this pair only is fine
+
+
+# --- parameter node ⇄ widgets (Slicer 5.8) ------------------------------------------------------
+
+
+class ComboBox:
+    """A QComboBox as the connectors see it: clearing it selects index -1 and adding the first item
+    selects it, each firing ``currentIndexChanged``."""
+
+    def __init__(self, parameter: str):
+        self.parameter, self.items, self.currentIndex, self.listeners = parameter, [], -1, []
+
+    def property(self, name: str):
+        return self.parameter if name == "SlicerParameterName" else None
+
+    def select(self, index: int) -> None:
+        self.currentIndex = index
+        for listener in list(self.listeners):
+            listener()
+
+    def clear(self) -> None:
+        self.items = []
+        self.select(-1)
+
+    def addItem(self, text: str) -> None:
+        self.items.append(text)
+        if self.currentIndex < 0:
+            self.select(0)
+
+
+class SlicerChoiceWrapper:
+    """What Slicer 5.8.1's parameterNodeWrapper does with a ``Choice`` parameter shown in a combo box
+    (Base/Python/slicer/parameterNodeWrapper/wrapper.py and guiConnectors.py at v5.8.1): each
+    connection builds a connector that clears and refills the combo box, then writes the value and
+    listens; ``connectGui`` drops the tag (fixed in 5.10.0, commit b5a65a4); ``disconnectGui`` of an
+    unknown tag does nothing. Qt and Slicer's wrapper cannot run here."""
+
+    def __init__(self, choices, value):
+        self.choices, self.value, self._connections, self._next = list(choices), value, {}, 0
+
+    def connectParametersToGui(self, widgets):
+        listeners = []
+        for combo in widgets.values():
+            combo.clear()
+            for choice in self.choices:
+                combo.addItem(choice)
+            combo.select(self.choices.index(self.value))
+
+            def listener(combo=combo):
+                self.value = self.choices[combo.currentIndex]  # index -1 reads the last choice
+
+            combo.listeners.append(listener)
+            listeners.append((combo, listener))
+        tag, self._next = self._next, self._next + 1
+        self._connections[tag] = listeners
+        return tag
+
+    def connectGui(self, ui):
+        from HSAMLib.parameters import parameter_widgets
+
+        self.connectParametersToGui(parameter_widgets(ui))  # 5.8.1: no return
+
+    def disconnectGui(self, tag):
+        for combo, listener in self._connections.pop(tag, []):
+            combo.listeners.remove(listener)
+
+
+def panel():
+    ui = type("", (), {})()  # like slicer.util.childWidgetVariables
+    ui.sliceAxisComboBox = ComboBox("sliceAxis")
+    ui.statusLabel = ComboBox("")  # a widget without a parameter
+    return ui
+
+
+def test_leaving_and_reopening_the_panel_keeps_the_choice_on_slicer_5_8():
+    from HSAMLib.parameters import ParameterGui, parameter_widgets
+
+    ui = panel()
+    assert parameter_widgets(ui) == {"sliceAxis": ui.sliceAxisComboBox}
+    parameters = SlicerChoiceWrapper(["axial", "coronal", "sagittal"], "axial")
+    gui = ParameterGui()
+    gui.connect(parameters, ui)
+    ui.sliceAxisComboBox.select(2)  # the user picks sagittal
+    assert parameters.value == "sagittal"
+
+    gui.disconnect()  # exit(): e.g. a visit to the Segment Editor
+    gui.connect(parameters, ui)  # enter()
+    assert parameters.value == "sagittal" and ui.sliceAxisComboBox.currentIndex == 2
+    gui.connect(parameters, ui)  # a new connection ends the previous one
+    assert parameters.value == "sagittal"
+
+
+def test_the_stand_in_reproduces_the_slicer_5_8_defect():
+    ui = panel()
+    parameters = SlicerChoiceWrapper(["axial", "coronal", "sagittal"], "sagittal")
+    parameters.disconnectGui(parameters.connectGui(ui))
+    parameters.connectGui(ui)
+    assert parameters.value == "axial"

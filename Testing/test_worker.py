@@ -1,12 +1,14 @@
 """The engine in a worker process (``HSAMLib.worker``), against real ``python -m hsam`` processes:
 progress stream, cancel, a killed worker, bad input, the device probe, and the MRML round trip."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ CLASSES = [
     Segment("sphere", 5, (0.2, 0.6, 0.9), None),
 ]
 CANCEL_LIMIT_SECONDS = 2.0
+ROOT = Path(__file__).resolve().parent.parent
 WAIT_LIMIT_SECONDS = 600  # only a guard against a hung worker: the CPU may be shared
 
 
@@ -225,8 +228,154 @@ def test_a_crash_is_reported_with_its_last_line(tmp_path):
     job.command = lambda arguments: [sys.executable, "-c", "import sys; sys.stderr.write('Traceback\\nMemoryError: boom\\n'); sys.exit(1)"]
     job.start([])
     assert job.wait(timeout=WAIT_LIMIT_SECONDS)
-    assert job.state == FAILED and job.error.endswith("(exit status 1): MemoryError: boom")
+    assert job.state == FAILED and "(exit status 1)" in job.error and job.error.endswith("MemoryError: boom")
     job.cleanup()
+
+
+# --- PythonSlicer: a launcher around the engine; Slicer itself going away ------------------------
+
+# What CTK's launcher (PythonSlicer) does around python-real, as far as the worker can tell: no signal
+# handling (SIGTERM kills it at once, its child goes on), and a child ended by a signal becomes exit
+# status 1 (ctkAppLauncher.cpp, applicationFinished: CrashExit -> EXIT_FAILURE).
+LAUNCHER = """
+import subprocess, sys
+code = subprocess.Popen(sys.argv[1:]).wait()
+sys.exit(1 if code < 0 else code)
+"""
+ENGINE_PRINTS_ITS_PID = "import json, os, time; print(json.dumps({'pid': os.getpid()}), flush=True); time.sleep(600)"
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = f"/proc/{pid}/stat"
+    return not (os.path.exists(stat) and open(stat).read().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def wait_until_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not running(pid)
+
+
+def launched_job(tmp_path, *engine) -> WorkerJob:
+    """A job whose worker is the launcher above around ``engine`` (a command line)."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    job = WorkerJob()
+    job.command = lambda arguments: [sys.executable, str(launcher), *engine]
+    return job.start([])
+
+
+def engine_pid(job: WorkerJob) -> int:
+    deadline = time.monotonic() + WAIT_LIMIT_SECONDS
+    while time.monotonic() < deadline:
+        for event in job.poll():
+            return event["pid"]
+        time.sleep(0.02)
+    raise AssertionError(f"the engine did not start: {job.stderr_lines}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX process groups")
+def test_cancel_reaches_an_engine_behind_a_launcher_that_does_not_forward_signals(tmp_path):
+    """The engine is busy in native code (SIGTERM ignored): SIGTERM ends only the launcher, and the
+    SIGKILL that follows must still reach the engine."""
+    stuck = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + ENGINE_PRINTS_ITS_PID
+    job = launched_job(tmp_path, sys.executable, "-c", stuck)
+    pid = engine_pid(job)
+    try:
+        started = time.monotonic()
+        job.cancel()
+
+        assert time.monotonic() - started < CANCEL_LIMIT_SECONDS
+        assert wait_until_gone(pid, 2.0), "the engine behind the launcher is still running"
+        assert job.state == CANCELLED and not job.folder.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_an_engine_killed_behind_the_launcher_is_reported_as_out_of_memory(tmp_path):
+    job = launched_job(tmp_path, sys.executable, "-c", ENGINE_PRINTS_ITS_PID)
+    os.kill(engine_pid(job), signal.SIGKILL)  # what the system does when memory runs out
+
+    assert job.wait(timeout=10)
+    assert job.state == FAILED and job.process.returncode == 1
+    assert "exit status 1" in job.error and "memory" in job.error
+    job.cleanup()
+
+
+def test_the_engine_writes_its_own_exit_status_behind_the_launcher(tmp_path):
+    from HSAMLib.worker import STATUS_FILE
+
+    job = launched_job(tmp_path, sys.executable, "-m", "hsam", "segment", str(tmp_path / "missing.nrrd"),
+                       "-m", str(tmp_path / "missing.hsam"), "-o", str(tmp_path / "out.seg.nrrd"))
+    assert job.wait(timeout=WAIT_LIMIT_SECONDS)
+
+    assert job.state == FAILED and (job.folder / STATUS_FILE).read_text() == "2"
+    assert "not found" in job.error
+    assert "memory" not in job.error
+    job.cleanup()
+
+
+SLICER_WITH_A_JOB = """
+import json, sys, time
+from HSAMLib.worker import WorkerJob
+job = WorkerJob(name="hsam-test")
+job.command = lambda arguments: [sys.executable, "-c", "from hsam.watchdog import watch_parent; watch_parent(0.1); "
+                                 "import time; print('watching', flush=True); time.sleep(600)"]
+job.start([])
+print(json.dumps({"folder": str(job.folder), "worker": job.process.pid}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_worker_ends_when_slicer_is_killed_and_the_next_job_removes_its_folder(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "HSAMSegment"))
+    slicer = subprocess.Popen([sys.executable, "-c", SLICER_WITH_A_JOB], stdout=subprocess.PIPE, env=env, encoding="utf-8")
+    started = json.loads(slicer.stdout.readline())
+    live = WorkerJob(name="hsam-test")  # a job of a Slicer that is still running (this one)
+    try:
+        watching = Path(started["folder"]) / "worker-stdout.jsonl"
+        deadline = time.monotonic() + WAIT_LIMIT_SECONDS
+        while "watching" not in watching.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running(started["worker"])
+        slicer.kill()
+        slicer.wait()
+
+        assert wait_until_gone(started["worker"], 5.0), "the worker outlived Slicer"
+        assert Path(started["folder"]).is_dir()
+        WorkerJob(name="hsam-test").cleanup()  # the next start
+        assert not Path(started["folder"]).exists() and live.folder.is_dir()
+    finally:
+        live.cleanup()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started["worker"], signal.SIGKILL)
+
+
+def test_python_m_hsam_ends_at_once_when_its_slicer_is_already_gone():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "HSAMSegment"), HSAM_PARENT_PID=str(gone.pid))
+    result = subprocess.run([sys.executable, "-m", "hsam", "--version"], capture_output=True, encoding="utf-8", env=env,
+                            timeout=WAIT_LIMIT_SECONDS)
+    assert result.returncode == 143 and result.stdout == ""
+    env.pop("HSAM_PARENT_PID")
+    assert subprocess.run([sys.executable, "-m", "hsam", "--version"], capture_output=True, env=env).returncode == 0
+
+
+def test_a_worker_that_cannot_start_leaves_no_folder(tmp_path):
+    job = WorkerJob(python=str(tmp_path / "no-such-python"))
+    with pytest.raises(OSError):
+        job.start(["devices", "--json"])
+    assert not job.folder.exists()
 
 
 def test_device_probe_json_on_this_machine():
@@ -348,7 +497,8 @@ def test_finetune_logic_trains_one_model_on_several_pairs(scene, tmp_path):
 def test_slicer_side_modules_never_import_torch():
     code = (
         "import sys\n"
-        "from HSAMLib import dependencies, devices, models, mrml, plots, segment_logic, training_logic, worker\n"
+        "from HSAMLib import annotations, dependencies, devices, models, mrml, parameters, plots, segment_logic, "
+        "training_logic, worker\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'segment_anything')))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(devices.__file__).rsplit(os.sep, 2)[0])

@@ -6,15 +6,21 @@ the engine needs. The other packages come from ``Resources/requirements.txt`` (p
 lines, as ``slicer.packaging.load_requirements`` reads them) through pip with ``--no-deps``, so that
 Slicer's own SimpleITK and numpy are never replaced. Versions are read from package metadata:
 nothing here imports torch.
+
+A package already imported into Slicer's process (PyTorchUtils and other extensions import torch)
+is never replaced in place: on Windows its open DLLs would leave a half-replaced torch. The plan
+says so before anything is downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from packaging.requirements import Requirement
 
@@ -59,6 +65,15 @@ def all_requirements() -> list[Requirement]:
     return [TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT, *BUNDLED_WITH_SLICER, *read_requirements()]
 
 
+def torch_platform_limit(system: str, machine: str) -> Optional[str]:
+    """Why PyTorch cannot be installed on this platform (``sys.platform``, ``platform.machine()``), or None."""
+    if system == "darwin" and machine == "x86_64":
+        return (f"PyTorch publishes no build for macOS on Intel processors (x86_64) newer than 2.2.2, and HSAM "
+                f"needs {TORCH_REQUIREMENT}. This Slicer is an x86_64 program (it runs that way on Apple silicon "
+                "too). Use HSAM in Slicer on Windows or Linux, or the hsam command line in a Python of its own.")
+    return None
+
+
 @dataclass
 class InstallPlan:
     """What to install, and how."""
@@ -67,15 +82,33 @@ class InstallPlan:
     torchvision: Optional[str] = None  # torchvision requirement for the PyTorch extension
     pip: list[str] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)  # should come with Slicer; cannot be installed here
+    platform_limit: Optional[str] = None  # PyTorch is needed but cannot be installed on this platform
 
     @property
     def empty(self) -> bool:
         return not (self.torchvision or self.pip or self.unavailable)
 
     @property
-    def distributions(self) -> list[str]:
-        names = ["torch", "torchvision"] if self.torchvision else []
-        return names + [Requirement(spec).name for spec in self.pip]
+    def replaced(self) -> list[str]:
+        """Installed distributions that carrying out the plan would replace."""
+        names = [Requirement(spec).name for spec in self.pip]
+        if self.torchvision:
+            names += ["torchvision"] + ([] if self.torch.startswith("==") else ["torch"])
+        return [name for name in names if installed_version(name) is not None]
+
+    @property
+    def problem(self) -> Optional[str]:
+        """Why the plan cannot be carried out in this Slicer session (None: it can), said before any download."""
+        if self.unavailable:
+            return f"{', '.join(self.unavailable)} should come with Slicer but is missing: reinstall Slicer."
+        if self.platform_limit:
+            return self.platform_limit
+        loaded = [name for name in self.replaced if _loaded(name)]
+        if loaded:
+            return (f"{', '.join(loaded)} must be updated for HSAM but is already in use in Slicer (another module "
+                    "imported it) and cannot be replaced while loaded. Restart Slicer, then install from HSAM before "
+                    "using other modules that need PyTorch.")
+        return None
 
     def describe(self) -> str:
         lines = []
@@ -88,9 +121,11 @@ class InstallPlan:
         return "HSAM needs these Python packages:\n  " + "\n  ".join(lines) if lines else ""
 
 
-def install_plan(requirements: Optional[list[Requirement]] = None) -> InstallPlan:
-    """How to satisfy ``requirements`` (default: all of HSAM's). torch is only reinstalled when it is
-    missing or too old; a missing torchvision alone is installed for the torch that is there."""
+def install_plan(requirements: Optional[list[Requirement]] = None, system: str = sys.platform,
+                 machine: str = platform.machine()) -> InstallPlan:
+    """How to satisfy ``requirements`` (default: all of HSAM's) on the platform ``system``, ``machine``.
+    torch is only reinstalled when it is missing or too old; a missing torchvision alone is installed
+    for the torch that is there."""
     importlib.invalidate_caches()  # see packages installed since the last check
     requirements = all_requirements() if requirements is None else requirements
     plan = InstallPlan()
@@ -108,30 +143,47 @@ def install_plan(requirements: Optional[list[Requirement]] = None) -> InstallPla
             plan.pip.append(str(requirement))
     if plan.torchvision:  # torchvision is installed for the torch that stays, or with the torch that comes
         plan.torch = f"=={installed_version('torch')}" if is_satisfied(torch) else str(torch.specifier)
+        plan.platform_limit = torch_platform_limit(system, machine)
     return plan
 
 
 TorchInstaller = Callable[[str, str], bool]  # (torch requirement, torchvision requirement) -> installed
 
 
-def install(plan: InstallPlan, install_torch: TorchInstaller, pip_install: Callable[[str], None]) -> list[str]:
+def install(plan: InstallPlan, install_torch: TorchInstaller, pip_install: Callable[[str], None]) -> None:
     """Carry out ``plan`` with the given installers (in Slicer: ``PyTorchUtilsLogic.installTorch`` and
-    ``slicer.util.pip_install``), on the main thread, after the user agreed once. Returns the
-    distributions that changed while one of their modules was loaded: Slicer must restart to use them."""
+    ``slicer.util.pip_install``), on the main thread, after the user agreed once. Raises ``HSAMError``
+    with ``plan.problem`` before installing anything when the plan cannot be carried out."""
     from hsam.errors import HSAMError
 
-    if plan.unavailable:
-        raise HSAMError(f"{', '.join(plan.unavailable)} should come with Slicer but is missing: reinstall Slicer")
-    before = {name: installed_version(name) for name in plan.distributions}
+    if plan.problem:
+        raise HSAMError(plan.problem)
     if plan.torchvision and not install_torch(plan.torch, plan.torchvision):
         raise HSAMError("PyTorch was not installed: install it from the PyTorch module, then try again")
     if plan.pip:
         pip_install("--no-deps " + " ".join(plan.pip))  # never replaces Slicer's numpy or SimpleITK
     importlib.invalidate_caches()
-    return [
-        name for name, version in before.items()
-        if version is not None and installed_version(name) != version and _loaded(name)
-    ]
+
+
+_installing = False
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[bool]:
+    """True for the one caller at a time that may check and install packages, False for the others.
+
+    Slicer's ``pip_install`` (``logProcessOutput``) processes GUI events while pip runs for minutes,
+    so a second click on Segment, Fine-tune or Download would start a second install meanwhile.
+    """
+    global _installing
+    if _installing:
+        yield False
+        return
+    _installing = True
+    try:
+        yield True
+    finally:
+        _installing = False
 
 
 def _loaded(distribution: str) -> bool:

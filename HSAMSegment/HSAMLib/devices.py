@@ -8,6 +8,13 @@ from typing import Optional
 from .worker import WorkerJob
 
 
+def device_choices(system: str, machine: str) -> tuple[str, ...]:
+    """The device choices offered on a platform (``sys.platform``, ``platform.machine()``): Apple's MPS
+    only on macOS on Apple silicon, the one place PyTorch builds can use it."""
+    apple_silicon = system == "darwin" and machine == "arm64"
+    return ("auto", "cuda", "cpu", "mps") if apple_silicon else ("auto", "cuda", "cpu")
+
+
 def startProbe(python: Optional[str] = None) -> WorkerJob:
     return WorkerJob(python, "hsam-devices").start(["devices", "--json"])
 

@@ -53,8 +53,7 @@ def _volume_array(volumeNode) -> np.ndarray:
     dims = image.GetDimensions()
     if sum(d > 1 for d in dims) < 2:
         raise InputError(f"volume '{name}' has dimensions {dims}; HSAM needs an image or a 3D volume")
-    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    return scalars.reshape(dims[::-1]).copy()
+    return _image_array(image)
 
 
 def volume_from_node(volumeNode) -> Volume:
@@ -226,20 +225,33 @@ def labels_from_segmentation(segmentationNode, referenceVolumeNode) -> tuple[np.
     entries = segments_of(segmentationNode)
     if not entries:
         raise InputError(f"segmentation '{segmentationNode.GetName()}' has no segments")
-    with _TemporaryLabelmap(referenceVolumeNode) as labelmapNode:
-        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentationNode,
-            _string_array([segment_id for segment_id, _ in entries]),
-            labelmapNode,
-            referenceVolumeNode,
-            slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
-        )
-        if not exported:
-            raise InputError(f"could not export '{segmentationNode.GetName()}' onto '{referenceVolumeNode.GetName()}'")
-        labels = _volume_array(labelmapNode)
-    if labels.shape != _grid_shape(referenceVolumeNode):
+    image = merged_labelmap(segmentationNode, [segment_id for segment_id, _ in entries], referenceVolumeNode)
+    if image.GetExtent() != referenceVolumeNode.GetImageData().GetExtent():
         raise InputError(f"segmentation '{segmentationNode.GetName()}' could not be resampled onto the volume grid")
-    return labels, [segment for _, segment in entries]
+    return _image_array(image), [segment for _, segment in entries]
+
+
+def merged_labelmap(segmentationNode, segmentIds: Sequence[str], referenceVolumeNode):
+    """The given segments as one ``vtkOrientedImageData`` on the reference volume's grid (whole extent),
+    segment ``i`` with label ``i + 1``, the later one winning where they overlap.
+
+    No node is added to the scene: ``ExportSegmentsToLabelmapNode`` would add a display node and a
+    colour table (``…_ColorTable``) for the output labelmap, which outlive it.
+    """
+    segmentation = segmentationNode.GetSegmentation()
+    if not segmentation.CreateRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()):
+        raise InputError(f"segmentation '{segmentationNode.GetName()}' cannot be converted to a labelmap")
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+        segmentationNode, referenceVolumeNode, _string_array(segmentIds), slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, image
+    )
+    return image
+
+
+def _image_array(image) -> np.ndarray:
+    """Voxels (z, y, x) of a ``vtkImageData`` over its extent, copied."""
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
 
 
 @dataclass

@@ -8,13 +8,19 @@ it stopped. Reading a regular file never blocks, on every operating system, so t
 ``poll()`` from a QTimer and nothing here needs Qt, a thread or torch.
 
 Cancel ends the worker and its children (its own process group) and removes the job folder, so
-nothing the job wrote is left behind.
+nothing the job wrote is left behind. In Slicer the worker is ``PythonSlicer``, CTK's launcher, around
+``python-real``: the launcher dies of SIGTERM without passing it on and reports a crash or a kill as
+exit status 1, so cancel kills the whole group after a grace period, and the worker writes its own
+exit status into the job folder (``hsam.watchdog``): without it, the worker was stopped from outside.
+The worker also ends by itself when Slicer is gone, and the next job removes the folders of jobs
+whose Slicer is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,14 +31,27 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hsam.errors import Cancelled, HSAMError
+from hsam.watchdog import PARENT_PID_VARIABLE, STATUS_FILE_VARIABLE, process_exists
 
 # The folder that holds the ``hsam`` package (the HSAMSegment module folder in Slicer).
 ENGINE_PARENT = Path(__file__).resolve().parent.parent
 CANCEL_GRACE_SECONDS = 1.0
 ERROR_PREFIX = "hsam: error: "
 EXIT_INPUT_ERROR = 2
+STATUS_FILE = "worker-status.txt"
+# Job folders are named ``<name>-job-<pid of the process that made them>-<random>``.
+JOB_FOLDER = re.compile(r"^hsam[\w-]*?-job-(\d+)-")
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+
+
+def remove_orphaned_job_folders() -> None:
+    """Remove the job folders, in the temporary folder, of processes that are gone: Slicer crashed or
+    was killed while a job ran."""
+    for path in Path(tempfile.gettempdir()).iterdir():
+        match = JOB_FOLDER.match(path.name)
+        if match and path.is_dir() and not process_exists(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def python_executable() -> str:
@@ -70,7 +89,8 @@ class WorkerJob:
 
     def __init__(self, python: Optional[str] = None, name: str = "hsam"):
         self.python = python or python_executable()
-        self.folder = Path(tempfile.mkdtemp(prefix=f"{name}-job-"))
+        remove_orphaned_job_folders()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{name}-job-{os.getpid()}-"))
         self.state = RUNNING
         self.error: Optional[str] = None
         self.result: Optional[dict] = None
@@ -88,16 +108,20 @@ class WorkerJob:
     def start(self, arguments: Sequence[str]) -> WorkerJob:
         """Run ``hsam ARGUMENTS`` (with ``--progress json`` where the command takes it)."""
         stdout_path, stderr_path = self.folder / "worker-stdout.jsonl", self.folder / "worker-stderr.log"
-        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(
-                self.command(arguments),
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                cwd=self.folder,
-                env=self._environment(),
-                **_new_process_group(),
-            )
+        try:
+            with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+                self.process = subprocess.Popen(
+                    self.command(arguments),
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd=self.folder,
+                    env=self._environment(),
+                    **_new_process_group(),
+                )
+        except BaseException:  # e.g. no such executable: the inputs already written go too
+            self.cleanup()
+            raise
         self._stdout, self._stderr = _LineReader(stdout_path), _LineReader(stderr_path)
         return self
 
@@ -107,6 +131,8 @@ class WorkerJob:
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONIOENCODING"] = "utf-8"
+        env[PARENT_PID_VARIABLE] = str(os.getpid())
+        env[STATUS_FILE_VARIABLE] = str(self.folder / STATUS_FILE)
         return env
 
     # --- following --------------------------------------------------------------------------
@@ -160,6 +186,9 @@ class WorkerJob:
             hint = " (the computer may have run out of memory)" if name == "SIGKILL" else ""
             return f"the HSAM worker process was stopped by signal {name}{hint}"
         last = lines[-1] if lines else "no error message"
+        if not (self.folder / STATUS_FILE).exists():  # stopped from outside; PythonSlicer reports it as 1
+            return (f"the HSAM worker process ended abruptly (exit status {exit_code}): the computer may have run out "
+                    f"of memory, or the worker crashed. Its last words: {last}")
         return f"the HSAM worker process failed (exit status {exit_code}): {last}"
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05,
@@ -191,15 +220,10 @@ class WorkerJob:
     # --- stopping ---------------------------------------------------------------------------
 
     def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
-        """End the worker and its children (terminate, then kill after ``grace`` seconds) and remove
-        the job folder. Returns once the worker is gone."""
-        if self.process is not None and self.process.poll() is None:
-            _signal_group(self.process, terminate=True)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.process, terminate=False)
-                self.process.wait()
+        """End the worker and its children (terminate, then kill what is left after ``grace`` seconds)
+        and remove the job folder. Returns once the worker is gone."""
+        if self.process is not None:
+            _end_process_group(self.process, grace)
         if self.state == RUNNING:
             self.state = CANCELLED
         self.cleanup()
@@ -223,12 +247,34 @@ def _new_process_group() -> dict:
     return {"start_new_session": True}
 
 
-def _signal_group(process: subprocess.Popen, terminate: bool) -> None:
-    """Terminate (or kill) the worker's whole process group / process tree."""
+def _end_process_group(process: subprocess.Popen, grace: float) -> None:
+    """End the worker's process tree (Windows) or process group: SIGTERM, then SIGKILL to every process
+    of the group still there after ``grace`` seconds, even when the worker itself (a launcher) has
+    already ended."""
     if sys.platform == "win32":
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True)
+        if process.poll() is None:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
+        process.wait()
         return
+    if not _signal_group(process, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while _group_alive(process) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> bool:
+    """Send ``signum`` to the worker's process group; False when the group has no process left."""
     try:
-        os.killpg(process.pid, signal.SIGTERM if terminate else signal.SIGKILL)
+        os.killpg(process.pid, signum)
     except ProcessLookupError:
-        pass
+        return False
+    return True
+
+
+def _group_alive(process: subprocess.Popen) -> bool:
+    process.poll()  # reap the worker itself, so that it does not count as alive
+    return _signal_group(process, 0)
