@@ -266,7 +266,7 @@ AUTOCOMPLETE_BASE_5_8 = {
     "scriptedEffect", "setupOptionsFrame", "setMRMLDefaults", "updateGUIFromMRML", "updateMRMLFromGUI", "onPreview",
     "onCancel", "onApply", "reset", "getPreviewNode", "setPreviewOpacity", "observeSegmentation",
     "delayedAutoUpdateTimer", "previewComputationInProgress", "previewButton", "cancelButton", "applyButton",
-    "__class__",
+    "selectedSegmentIds", "__class__",
 }
 EFFECT_FILE = ROOT / EFFECT_MODULE / f"{EFFECT_MODULE}Lib" / "SegmentEditorEffect.py"
 

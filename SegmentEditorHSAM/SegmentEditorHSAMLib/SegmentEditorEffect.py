@@ -60,7 +60,7 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
 <li>Paint more slices where the preview is wrong and click <b>Update</b>: training continues from the model.
 <li><b>Apply</b> writes the preview into the segments in one undoable step; painted slices stay exactly as painted.
 <li><b>Save model…</b> keeps the model for the HSAM Segment module (other volumes, without painting).
-</ul><p>Segments with nothing painted are left alone. Masking settings apply as in Fill between slices.</html>"""
+</ul><p>Segments with nothing painted are left alone. As in Fill between slices, Apply respects the editable area and overwrite settings.</html>"""
 
     # --- options ----------------------------------------------------------------------------------
 
@@ -184,6 +184,9 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         except HSAMError as error:  # one line: what to paint differently
             slicer.util.errorDisplay(f"HSAM fill: {error}")
             return
+        self.selectedSegmentIds = vtk.vtkStringArray()  # what the base class's auto-update watches
+        for segmentID in painted.segmentIDs:
+            self.selectedSegmentIds.InsertNextValue(segmentID)
         if painted.leftAlone:
             slicer.util.showStatusMessage(f"HSAM fill leaves alone (nothing painted): {', '.join(painted.leftAlone)}", 5000)
         self.statusLabel.text = self.fillLogic.message
