@@ -299,3 +299,34 @@ def test_progress_in_a_log_is_a_few_lines(phantom, guided_bundle, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert 2 <= len(lines) <= 6 and "\r" not in result.stderr, result.stderr
+
+
+def test_cli_finetune_stops_early_on_the_stop_file_and_saves(phantom, tmp_path):
+    """``--stop-file``: training ends after the step during which the file appeared, the model is saved."""
+    import json
+    import time
+
+    volume, labels, _ = phantom
+    image = _write(tmp_path / "volume.nrrd", volume.array.astype(np.float32), volume)
+    drawn = _write(tmp_path / "drawn.nrrd", sparse(labels, [3, 10, 17, 24]), volume)
+    stop, model = tmp_path / "stop", tmp_path / "m.hsam"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hsam", "finetune", str(image), str(drawn), "--guided", "--epochs", "1000",
+         "--img-size", "224", "--device", "cpu", "-o", str(model), "--stop-file", str(stop), "--progress", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
+    try:
+        for line in process.stdout:
+            if json.loads(line).get("step", 0) >= 2:
+                break
+        stop.touch()
+        started = time.monotonic()
+        _, errors = process.communicate(timeout=120)
+        assert process.returncode == 0, errors
+        assert time.monotonic() - started < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
+    from hsam.bundle import read_bundle_metadata
+
+    recorded = read_bundle_metadata(model).training
+    assert 2 <= recorded["steps"] and recorded["epochs"] < 1000

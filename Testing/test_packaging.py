@@ -240,3 +240,102 @@ def test_every_third_party_import_of_the_engine_is_a_checked_dependency():
                 imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"hsam"}
     assert third_party <= provided, sorted(third_party - provided)
+
+
+# --- the HSAM fill Segment Editor effect ------------------------------------------------------------
+
+EFFECT_MODULE = "SegmentEditorHSAM"
+# What a Python effect reaches through ``self.scriptedEffect`` in Slicer 5.8.1 (the oldest supported): the
+# Q_INVOKABLE methods and Q_PROPERTY names of qSlicerSegmentEditorAbstractEffect.h and
+# qSlicerSegmentEditorScriptedEffect.h (Modules/Loadable/Segmentations/EditorEffects, tag v5.8.1).
+SCRIPTED_EFFECT_API_5_8 = {
+    "activate", "active", "addActor2D", "addActor3D", "addLabeledOptionsWidget", "addOptionsWidget", "applyImageMask",
+    "commonParameterDefined", "confirmCurrentSegmentVisible", "cursorOff", "cursorOn", "deactivate",
+    "defaultModifierLabelmap", "doubleParameter", "forceRender", "helpText", "integerParameter", "maskLabelmap",
+    "masterVolumeImageData", "modifierLabelmap", "modifySegmentByLabelmap", "modifySelectedSegmentByLabelmap", "name",
+    "nodeReference", "optionsFrame", "optionsLayout", "parameter", "parameterDefined", "parameterSetNode", "perSegment",
+    "pythonSource", "rasToXy", "referenceGeometryImage", "removeActor2D", "removeActor3D", "renderWindow", "renderer",
+    "requireSegments", "saveStateForUndo", "scene", "scheduleRender", "segmentationDisplayableInView", "selectEffect",
+    "selectedSegmentLabelmap", "self", "setCommonNodeReference", "setCommonParameter", "setCommonParameterDefault",
+    "setNodeReference", "setParameter", "setParameterDefault", "setParameterSetNode", "setPythonSource",
+    "showEffectCursorInSliceView", "showEffectCursorInThreeDView", "sliceSpacing", "sourceVolumeImageData", "title",
+    "viewNode", "xyToIjk", "xyToRas", "xyzToIjk", "xyzToRas",
+}
+# Members of AbstractScriptedSegmentEditorAutoCompleteEffect (Slicer 5.8.1) that the effect uses or overrides.
+AUTOCOMPLETE_BASE_5_8 = {
+    "scriptedEffect", "setupOptionsFrame", "setMRMLDefaults", "updateGUIFromMRML", "updateMRMLFromGUI", "onPreview",
+    "onCancel", "onApply", "reset", "getPreviewNode", "setPreviewOpacity", "observeSegmentation",
+    "delayedAutoUpdateTimer", "previewComputationInProgress", "previewButton", "cancelButton", "applyButton",
+    "selectedSegmentIds", "__class__",
+}
+EFFECT_FILE = ROOT / EFFECT_MODULE / f"{EFFECT_MODULE}Lib" / "SegmentEditorEffect.py"
+
+
+def test_effect_module_has_the_wizard_layout_and_is_built():
+    folder = ROOT / EFFECT_MODULE
+    cmake = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
+    scripts = {s.replace("${MODULE_NAME}", EFFECT_MODULE) for s in cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")}
+    resources = {s.replace("${MODULE_NAME}", EFFECT_MODULE) for s in cmake_list(cmake, "MODULE_PYTHON_RESOURCES")}
+    assert scripts == module_files(folder, "*.py") == {
+        f"{EFFECT_MODULE}.py", f"{EFFECT_MODULE}Lib/__init__.py", f"{EFFECT_MODULE}Lib/SegmentEditorEffect.py"}
+    assert resources == {f"{EFFECT_MODULE}Lib/SegmentEditorEffect.png"}
+    assert re.search(rf"set\(MODULE_NAME {EFFECT_MODULE}\)", cmake) and "slicerMacroBuildScriptedModule" in cmake
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert f"add_subdirectory({EFFECT_MODULE})" in top
+    assert top.index("add_subdirectory(HSAMSegment)") < top.index(f"add_subdirectory({EFFECT_MODULE})")
+    from PIL import Image
+
+    with Image.open(folder / f"{EFFECT_MODULE}Lib" / "SegmentEditorEffect.png") as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+def _calls(tree: ast.AST, owner: str) -> set[str]:
+    """Attribute names of every ``self.<owner>.<name>`` (or ``self.<name>`` when ``owner`` is empty)."""
+    names = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if owner and isinstance(node.value, ast.Attribute) and node.value.attr == owner \
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self":
+            names.add(node.attr)
+        elif not owner and isinstance(node.value, ast.Name) and node.value.id == "self":
+            names.add(node.attr)
+    return names
+
+
+def test_effect_is_registered_like_slicers_own_scripted_effects():
+    module = (ROOT / EFFECT_MODULE / f"{EFFECT_MODULE}.py").read_text(encoding="utf-8")
+    assert 'slicer.app.connect("startupCompleted()", self.registerEditorEffect)' in module
+    assert "qSlicerSegmentEditorScriptedEffect(None)" in module and "setPythonSource(" in module
+    assert ".self().register()" in module and 'EFFECT_FILE = "SegmentEditorHSAMLib/SegmentEditorEffect.py"' in module
+    assert '"HSAMSegment"' in module  # loaded after the module that ships HSAMLib and the engine
+    tree = ast.parse(EFFECT_FILE.read_text(encoding="utf-8"))
+    effect = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect")
+    assert [b.id for b in effect.bases] == ["AbstractScriptedSegmentEditorAutoCompleteEffect"]
+    assert 'scriptedEffect.name = "HSAM fill"' in EFFECT_FILE.read_text(encoding="utf-8")
+
+
+def test_effect_uses_only_the_slicer_5_8_effect_api():
+    tree = ast.parse(EFFECT_FILE.read_text(encoding="utf-8"))
+    assert _calls(tree, "scriptedEffect") <= SCRIPTED_EFFECT_API_5_8, sorted(_calls(tree, "scriptedEffect") - SCRIPTED_EFFECT_API_5_8)
+    effect = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect")
+    own = {n.name for n in effect.body if isinstance(n, ast.FunctionDef)}
+    assigned = {t.attr for n in ast.walk(effect) if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    inherited = _calls(effect, "") - own - assigned
+    assert inherited <= AUTOCOMPLETE_BASE_5_8, sorted(inherited - AUTOCOMPLETE_BASE_5_8)
+    overridden = own & AUTOCOMPLETE_BASE_5_8
+    assert {"onPreview", "onApply", "onCancel", "setupOptionsFrame"} <= overridden
+
+
+def test_effect_stays_thin_over_the_fill_logic():
+    text = EFFECT_FILE.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    imported = {alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "HSAMLib.fill_logic"
+                for alias in n.names}
+    assert "HSAMFillLogic" in imported
+    top_level = {alias.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for alias in n.names}
+    assert not top_level & {"numpy", "torch", "hsam", "HSAMLib"}  # no image work here; HSAMLib once needed
+    module_tree = ast.parse((ROOT / EFFECT_MODULE / f"{EFFECT_MODULE}.py").read_text(encoding="utf-8"))
+    module_imports = {alias.name.split(".")[0] for n in module_tree.body if isinstance(n, ast.Import) for alias in n.names}
+    assert not module_imports & {"qt", "ctk", "torch", "hsam", "HSAMLib"}

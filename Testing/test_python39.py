@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OLDEST_PYTHON = (3, 9)
-SOURCE_FOLDERS = (ROOT / "HSAMSegment", ROOT / "HSAMTraining")
+SOURCE_FOLDERS = (ROOT / "HSAMSegment", ROOT / "HSAMTraining", ROOT / "SegmentEditorHSAM")
 
 
 def python_files() -> list[Path]:

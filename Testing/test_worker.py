@@ -497,8 +497,9 @@ def test_finetune_logic_trains_one_model_on_several_pairs(scene, tmp_path):
 def test_slicer_side_modules_never_import_torch():
     code = (
         "import sys\n"
-        "from HSAMLib import annotations, dependencies, devices, models, mrml, parameters, plots, segment_logic, "
-        "training_logic, worker\n"
+        "from HSAMLib import annotations, dependencies, devices, fill_logic, models, mrml, parameters, plots, "
+        "segment_logic, training_logic, worker
+"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'segment_anything')))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(devices.__file__).rsplit(os.sep, 2)[0])

@@ -66,8 +66,12 @@ def volume_from_node(volumeNode) -> Volume:
         raise InputError("no input volume selected")
     if not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError(f"'{volumeNode.GetName()}' is a {volumeNode.GetClassName()}; HSAM needs a scalar volume")
-    array = _volume_array(volumeNode)
-    ijk_to_lps = RAS_TO_LPS @ ijk_to_ras(volumeNode)[:3]
+    return _volume_on_grid(_volume_array(volumeNode), ijk_to_ras(volumeNode))
+
+
+def _volume_on_grid(array: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> Volume:
+    """Engine ``Volume`` of voxels (z, y, x) whose first voxel is IJK (0, 0, 0) of the 4×4 IJK→RAS matrix."""
+    ijk_to_lps = RAS_TO_LPS @ ijk_to_ras_matrix[:3]
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     direction = ijk_to_lps[:3, :3] / spacing
     return Volume(
@@ -76,6 +80,71 @@ def volume_from_node(volumeNode) -> Volume:
         tuple(float(o) for o in ijk_to_lps[:3, 3]),
         tuple(float(d) for d in direction.ravel()),
     )
+
+
+# --- oriented images (the Segment Editor's labelmaps and aligned source volume) ---------------------
+
+
+def oriented_image_to_ras(image) -> np.ndarray:
+    """4×4 matrix from the voxel at the start of ``image``'s extent (array index 0) to RAS."""
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    result = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = image.GetExtent()
+    result[:3, 3] += result[:3, :3] @ np.array([extent[0], extent[2], extent[4]], dtype=float)
+    return result
+
+
+def extent_shape(extent: Sequence[int]) -> tuple[int, int, int]:
+    """(z, y, x) size of a VTK extent (0 where it is empty)."""
+    return tuple(max(0, extent[2 * a + 1] - extent[2 * a] + 1) for a in (2, 1, 0))
+
+
+def oriented_image_array(image, extent: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Voxels (z, y, x) of an oriented image over ``extent`` (default: its own), zero where the image
+    has none (outside its extent, or no scalars at all: an empty segment)."""
+    extent = list(image.GetExtent() if extent is None else extent)
+    out_shape = extent_shape(extent)
+    scalars = image.GetPointData().GetScalars() if image.GetPointData() is not None else None
+    own = image.GetExtent()
+    if scalars is None or min(extent_shape(own)) == 0:
+        return np.zeros(out_shape, dtype=np.uint8)
+    voxels = numpy_support.vtk_to_numpy(scalars).reshape(extent_shape(own))
+    out = np.zeros(out_shape, dtype=voxels.dtype)
+    source, target = [], []
+    for a in (2, 1, 0):  # z, y, x
+        low, high = max(own[2 * a], extent[2 * a]), min(own[2 * a + 1], extent[2 * a + 1])
+        if low > high:
+            return out
+        source.append(slice(low - own[2 * a], high - own[2 * a] + 1))
+        target.append(slice(low - extent[2 * a], high - extent[2 * a] + 1))
+    out[tuple(target)] = voxels[tuple(source)]
+    return out
+
+
+def volume_from_oriented_image(image) -> Volume:
+    """Engine ``Volume`` of an oriented image (e.g. the Segment Editor's aligned source volume)."""
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError("the source volume has no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError("the source volume has several components per voxel; HSAM needs a grey-level volume")
+    return _volume_on_grid(oriented_image_array(image).copy(), oriented_image_to_ras(image))
+
+
+def oriented_image_from_array(array: np.ndarray, geometry):
+    """A ``vtkOrientedImageData`` holding ``array`` (z, y, x) on the grid and extent of ``geometry``."""
+    extent = geometry.GetExtent()
+    if array.shape != extent_shape(extent):
+        raise InputError(f"array of shape {array.shape} does not fit the extent {tuple(extent)}")
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(extent)
+    image.SetSpacing(geometry.GetSpacing())
+    image.SetOrigin(geometry.GetOrigin())
+    image.CopyDirections(geometry)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
+    return image
 
 
 def _set_image(volumeNode, array: np.ndarray) -> None:

@@ -419,6 +419,7 @@ def _finetune(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.checkpointing,
         validation_volumes=args.validation_volumes,
         guidance=args.guided,
+        stop=(lambda: Path(args.stop_file).exists()) if args.stop_file is not None else None,
     )
     main_process = is_main_process()
     with Outputs(args.overwrite) as outputs, _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
@@ -772,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a labelmap); --progress json reports each as a \"preview\" event")
     p.add_argument("--preview-interval", type=_positive(float), default=30.0, metavar="SECONDS",
                    help="seconds between previews (default: 30)")
+    p.add_argument("--stop-file", metavar="FILE",
+                   help="end training early, as when the time budget is spent, once FILE exists (checked before "
+                   "each step; the model is saved)")
     seed_option(p)
     cmattn_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")

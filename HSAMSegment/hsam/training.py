@@ -91,7 +91,9 @@ class FinetuneConfig:
     ``validation_volumes``: in a cohort, hold out the last N volumes whole for validation instead of
     ~15 % of the slices. ``guidance``: train a guided model with priors of this kind
     (``hsam.guidance.priors``; a guided base model keeps its own); ``prompt_dropout``: the share of
-    its steps run prompt-free, so that it also segments without annotations."""
+    its steps run prompt-free, so that it also segments without annotations. ``stop``: called before
+    each step; once it returns True, training ends as when the time budget is spent (after at least
+    one step, the model kept), e.g. to continue at once with more annotations."""
 
     preset: str = "tiny"
     sam_checkpoint: Optional[PathLike] = None
@@ -118,6 +120,7 @@ class FinetuneConfig:
     gradient_checkpointing: Optional[bool] = None
     guidance: Optional[str] = None
     prompt_dropout: float = DEFAULT_PROMPT_DROPOUT
+    stop: Optional[Callable[[], bool]] = None
 
 
 Preview = Callable[[HSAM, BundleMetadata], None]
@@ -635,11 +638,12 @@ class _Loop:
             self.progress(TrainingProgress(min(fraction, 1.0), self.epoch, self.iteration, self.last_loss, dice, message))
 
     def should_stop(self) -> bool:
-        """Raise Cancelled when any process was cancelled; True when the time budget is spent."""
+        """Raise Cancelled when any process was cancelled; True when the time budget is spent or a stop was asked for."""
         budget = self.config.time_budget
         flags = [
             float(self.cancel is not None and self.cancel.is_set()),
-            float(budget is not None and time.monotonic() - self.started >= budget),
+            float((budget is not None and time.monotonic() - self.started >= budget)
+                  or (self.config.stop is not None and bool(self.config.stop()))),
         ]
         if self.ddp.active:
             flags = _all_reduce(flags, self.device, dist.ReduceOp.MAX)

@@ -1,0 +1,271 @@
+"""HSAM fill: a Segment Editor auto-complete effect (Initialize, live preview, Cancel, Apply) whose
+fill between the painted slices is learned by H-SAM in guided mode.
+
+Only the GUI is here: ``HSAMLib.fill_logic.HSAMFillLogic`` reads the segments, runs the worker
+processes, fills the preview node and applies it; a QTimer polls it, so the GUI never waits. The
+preview display, the Initialize/Update button, Cancel and Apply come from Slicer's
+``AbstractScriptedSegmentEditorAutoCompleteEffect`` (as in Fill between slices and Grow from seeds,
+Slicer 5.8), whose ``onPreview``, ``onApply`` and ``onCancel`` this effect replaces.
+"""
+
+import logging
+import os
+
+import qt
+import slicer
+import vtk
+
+from SegmentEditorEffects import *  # noqa: F401,F403
+from SegmentEditorEffects.AbstractScriptedSegmentEditorAutoCompleteEffect import (
+    AbstractScriptedSegmentEditorAutoCompleteEffect,
+    ResultPreviewNodeReferenceRole,
+)
+
+POLL_INTERVAL_MS = 200
+PREVIEW_OPACITY = 0.6
+AXIS_LABELS = (("auto", "Auto"), ("axial", "Axial"), ("coronal", "Coronal"), ("sagittal", "Sagittal"))
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
+    """Learned fill between painted slices (HSAM guided mode)."""
+
+    def __init__(self, scriptedEffect):
+        AbstractScriptedSegmentEditorAutoCompleteEffect.__init__(self, scriptedEffect)
+        scriptedEffect.name = "HSAM fill"  # modules find effects by this name: not translated
+        scriptedEffect.title = "HSAM fill"
+        self.fillLogic = None
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPollTimer)
+        self.sceneObserverTag = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        slicer.app.connect("aboutToQuit()", self.cleanupFill)
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return """<html>Fill the slices between painted ones with a model learned from them (H-SAM, guided mode).<br>
+<p><ul>
+<li>Paint a few whole slices of each visible segment in one view, leaving unpainted slices between them.
+<li>Click <b>Initialize</b>: a small model trains in the background on the painted slices; the preview starts as the
+interpolation of the painted slices and improves as the model learns. Cancel stops it.
+<li>Paint more slices where the preview is wrong and click <b>Update</b>: training continues from the model.
+<li><b>Apply</b> writes the preview into the segments in one undoable step; painted slices stay exactly as painted.
+<li><b>Save model…</b> keeps the model for the HSAM Segment module (other volumes, without painting).
+</ul><p>Segments with nothing painted are left alone. As in Fill between slices, Apply respects the editable area and overwrite settings.</html>"""
+
+    # --- options ----------------------------------------------------------------------------------
+
+    def setupOptionsFrame(self):
+        AbstractScriptedSegmentEditorAutoCompleteEffect.setupOptionsFrame(self)
+        self.axisComboBox = qt.QComboBox()
+        for value, label in AXIS_LABELS:
+            self.axisComboBox.addItem(label, value)
+        self.axisComboBox.setToolTip("Slice direction of the painted slices (Auto: the one they lie along)")
+        self.scriptedEffect.addLabeledOptionsWidget("Painted slices:", self.axisComboBox)
+
+        self.modelComboBox = qt.QComboBox()
+        self.modelComboBox.setToolTip("tiny trains from scratch, fast on a CPU; SAM ViT-B (downloaded in the HSAM "
+                                      "Segment module) starts from Segment Anything, best on a GPU")
+        self.betterCheckBox = qt.QCheckBox("Better")
+        self.betterCheckBox.setToolTip("Train longer: a better fill, later")
+        trainingFrame = qt.QHBoxLayout()
+        trainingFrame.addWidget(self.modelComboBox)
+        trainingFrame.addWidget(self.betterCheckBox)
+        self.scriptedEffect.addLabeledOptionsWidget("Model:", trainingFrame)
+
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.setRange(0, 1000)
+        self.progressBar.setVisible(False)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.setWordWrap(True)
+        self.saveModelButton = qt.QPushButton("Save model…")
+        self.saveModelButton.objectName = self.__class__.__name__ + "SaveModel"
+        self.saveModelButton.setToolTip("Keep the trained model for the HSAM Segment module")
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+        self.scriptedEffect.addOptionsWidget(self.saveModelButton)
+
+        self.axisComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.modelComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.betterCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.saveModelButton.connect("clicked()", self.onSaveModel)
+
+    def setMRMLDefaults(self):
+        AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults(self)
+        self.scriptedEffect.setParameterDefault("AutoUpdate", "0")  # each update trains: only when asked
+        self.scriptedEffect.setParameterDefault("HSAMAxis", "auto")
+        self.scriptedEffect.setParameterDefault("HSAMModel", "tiny")
+        self.scriptedEffect.setParameterDefault("HSAMBetter", "0")
+
+    def updateGUIFromMRML(self):
+        AbstractScriptedSegmentEditorAutoCompleteEffect.updateGUIFromMRML(self)
+        from HSAMLib import models
+
+        choices = [("tiny", "tiny")] + [(f"sam:{name}", f"SAM {name}") for name in models.available_sam_weights()]
+        if [self.modelComboBox.itemData(i) for i in range(self.modelComboBox.count)] != [v for v, _ in choices]:
+            wasBlocked = self.modelComboBox.blockSignals(True)
+            self.modelComboBox.clear()
+            for value, label in choices:
+                self.modelComboBox.addItem(label, value)
+            self.modelComboBox.blockSignals(wasBlocked)
+        self._selectData(self.axisComboBox, self.scriptedEffect.parameter("HSAMAxis"))
+        self._selectData(self.modelComboBox, self.scriptedEffect.parameter("HSAMModel"))
+        wasBlocked = self.betterCheckBox.blockSignals(True)
+        self.betterCheckBox.checked = self.scriptedEffect.integerParameter("HSAMBetter") != 0
+        self.betterCheckBox.blockSignals(wasBlocked)
+        logic = self.fillLogic
+        self.saveModelButton.enabled = logic is not None and logic.modelPath is not None
+        self.progressBar.visible = logic is not None and logic.running
+
+    @staticmethod
+    def _selectData(comboBox, value):
+        index = comboBox.findData(value)
+        wasBlocked = comboBox.blockSignals(True)
+        comboBox.currentIndex = max(index, 0)
+        comboBox.blockSignals(wasBlocked)
+
+    def updateMRMLFromGUI(self):
+        AbstractScriptedSegmentEditorAutoCompleteEffect.updateMRMLFromGUI(self)
+        self.scriptedEffect.setParameter("HSAMAxis", self.axisComboBox.currentData or "auto")
+        self.scriptedEffect.setParameter("HSAMModel", self.modelComboBox.currentData or "tiny")
+        self.scriptedEffect.setParameter("HSAMBetter", 1 if self.betterCheckBox.checked else 0)
+
+    def fillOptions(self):
+        from HSAMLib.fill_logic import BETTER_BUDGET_SECONDS, FAST_BUDGET_SECONDS, FillOptions
+
+        better = self.scriptedEffect.integerParameter("HSAMBetter") != 0
+        return FillOptions(
+            axis=self.scriptedEffect.parameter("HSAMAxis") or "auto",
+            baseModel=self.scriptedEffect.parameter("HSAMModel") or "tiny",
+            timeBudgetSeconds=BETTER_BUDGET_SECONDS if better else FAST_BUDGET_SECONDS,
+        )
+
+    # --- Initialize / Update ------------------------------------------------------------------------
+
+    def onPreview(self):
+        """Initialize (a new model) or Update (continue from the model), without waiting."""
+        if self.previewComputationInProgress:
+            return
+        self.previewComputationInProgress = True
+        try:
+            self._startOrUpdate()
+        finally:
+            self.previewComputationInProgress = False
+
+    def _startOrUpdate(self):
+        import HSAMSegment
+        from hsam.errors import HSAMError
+        from HSAMLib.fill_logic import HSAMFillLogic
+
+        if not HSAMSegment.ensureDependencies():
+            return
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterSetNode.GetSegmentationNode()
+        sourceVolumeNode = parameterSetNode.GetSourceVolumeNode()
+        visible = vtk.vtkStringArray()
+        segmentationNode.GetDisplayNode().GetVisibleSegmentIDs(visible)
+        segmentIDs = [visible.GetValue(i) for i in range(visible.GetNumberOfValues())]
+        if self.fillLogic is None:
+            self.fillLogic = HSAMFillLogic()
+        updating = self.getPreviewNode() is not None and self.fillLogic.input is not None
+        try:
+            start = self.fillLogic.update if updating else self.fillLogic.start
+            painted = start(sourceVolumeNode, segmentationNode, segmentIDs, self.fillOptions(),
+                            self.scriptedEffect.sourceVolumeImageData())
+        except HSAMError as error:  # one line: what to paint differently
+            slicer.util.errorDisplay(f"HSAM fill: {error}")
+            return
+        self.selectedSegmentIds = vtk.vtkStringArray()  # what the base class's auto-update watches
+        for segmentID in painted.segmentIDs:
+            self.selectedSegmentIds.InsertNextValue(segmentID)
+        if painted.leftAlone:
+            slicer.util.showStatusMessage(f"HSAM fill leaves alone (nothing painted): {', '.join(painted.leftAlone)}", 5000)
+        self.statusLabel.text = self.fillLogic.message
+        self.progressBar.value = 0
+        self.pollTimer.start()
+        self.updateGUIFromMRML()
+
+    def onPollTimer(self):
+        logic = self.fillLogic
+        if logic is None:
+            self.pollTimer.stop()
+            return
+        for event in logic.poll():
+            if event["event"] == "preview":
+                self._showPreviewNode()
+            elif event["event"] == "failed":
+                details = "\n".join(event.get("details", []))
+                logging.error("HSAM fill failed: %s\n%s", event["message"], details)
+                slicer.util.errorDisplay(f"HSAM fill failed:\n{event['message']}", detailedText=details)
+        self.progressBar.value = int(1000 * logic.fraction)
+        self.statusLabel.text = logic.message
+        if not logic.running:
+            self.pollTimer.stop()
+        self.updateGUIFromMRML()
+
+    def _showPreviewNode(self):
+        """The logic's preview node becomes the effect's result preview, as the auto-complete effects show it."""
+        previewNode = self.fillLogic.previewNode
+        if previewNode is None or self.scriptedEffect.nodeReference(ResultPreviewNodeReferenceRole) is previewNode:
+            return
+        self.scriptedEffect.setCommonNodeReference(ResultPreviewNodeReferenceRole, previewNode)
+        self.scriptedEffect.setCommonParameter("SegmentationResultPreviewOwnerEffect", self.scriptedEffect.name)
+        self.setPreviewOpacity(PREVIEW_OPACITY)
+
+    # --- Cancel / Apply / Save model -----------------------------------------------------------------
+
+    def onCancel(self):
+        self.pollTimer.stop()
+        if self.fillLogic is not None:
+            self.fillLogic.cancel()
+        self.statusLabel.text = ""
+        self.reset()
+
+    def onApply(self):
+        if self.fillLogic is None or not self.fillLogic.hasPreview:
+            return
+        self.delayedAutoUpdateTimer.stop()
+        self.observeSegmentation(False)
+        self.pollTimer.stop()
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+
+        def modifySegment(segmentID, labelmap):
+            self.scriptedEffect.modifySegmentByLabelmap(
+                segmentationNode, segmentID, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+
+        self.fillLogic.apply(self.scriptedEffect.saveStateForUndo, modifySegment)
+        self.statusLabel.text = self.fillLogic.message
+        self.reset()
+
+    def onSaveModel(self):
+        if self.fillLogic is None or self.fillLogic.modelPath is None:
+            return
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        name = qt.QInputDialog.getText(slicer.util.mainWindow(), "Save model", "Model name:", qt.QLineEdit.Normal,
+                                       f"{segmentationNode.GetName()} HSAM fill")
+        if not name:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not save the model:", waitCursor=True):
+            path = self.fillLogic.saveModel(name)
+            slicer.util.showStatusMessage(f"Saved {path.name}: the HSAM Segment module lists it", 5000)
+
+    # --- leaving ----------------------------------------------------------------------------------------
+
+    def onSceneStartClose(self, caller=None, event=None):
+        self.cleanupFill()
+
+    def cleanupFill(self):
+        """End the worker and remove the files (the scene closes, or Slicer quits)."""
+        self.pollTimer.stop()
+        if self.fillLogic is not None:
+            self.fillLogic.cleanup()
+            self.fillLogic = None

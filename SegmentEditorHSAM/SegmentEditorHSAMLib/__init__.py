@@ -1,0 +1,4 @@
+from SegmentEditorEffects.AbstractScriptedSegmentEditorEffect import *
+from SegmentEditorEffects.AbstractScriptedSegmentEditorAutoCompleteEffect import *
+
+from .SegmentEditorEffect import *
