@@ -41,6 +41,14 @@ from hsam.preprocess import IntensityPreprocessing  # noqa: E402
 from hsam.training import FinetuneConfig, annotated_slices, finetune  # noqa: E402
 
 MAX_LOAD = 1.5
+DATA_NOTE = (
+    "Data. MNI152 ICBM 2009a template (Fonov et al., NeuroImage 2011; McConnell Brain Imaging Centre; "
+    "redistributed in nilearn). CT: TotalSegmentator's test case `tests/reference_files/example_ct.nii.gz` "
+    "with `example_seg.nii.gz` (github.com/wasserth/TotalSegmentator, Apache-2.0): a real chest-abdomen CT, "
+    "122 × 101 × 112 voxels of 3 mm, whose labels cover its first 30 axial slices and are TotalSegmentator's "
+    "own output, not expert contours. With 30 labelled slices, k = 10 annotates 3 slices and k = 20 only one "
+    "(skipped: guided mode needs two)."
+)
 # TotalSegmentator v2 ("total") label values of the scored CT classes: organs, vessels, a vertebra.
 CT_CLASSES = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left", 6: "stomach", 7: "pancreas",
               4: "gallbladder", 20: "colon", 52: "aorta", 63: "inferior_vena_cava",
@@ -176,7 +184,7 @@ def main() -> None:
     update_docs("Few-shot: guided H-SAM against Slicer's baselines", command, (
         note + "1-minute load average before and after each training run: "
         f"{', '.join(f'{l:.2f}' for l in loads)}. k: every k-th labelled axial slice annotated; Dice per class on "
-        "the labelled slices that were not annotated.\n\n" + text))
+        "the labelled slices that were not annotated.\n\n" + text + "\n\n" + DATA_NOTE))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from .checkpoint import load_sam_weights
 from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
 from .files import write_bytes_atomic
-from .guidance.augment import perturb_priors
+from .guidance.augment import mix_own_priors, perturb_priors
 from .guidance.priors import SlicePrior, annotated_slices
 from .inference import resolve_precision, select_device
 from .loss import HSAMLoss
@@ -657,7 +657,7 @@ class _Loop:
             group["lr"] = lr
         images = self.train_images[index].to(self.device)
         targets = self.train_targets[index].to(self.device)
-        priors = self._priors(index)
+        priors = self._priors(index, targets)
         if self.config.augment and priors is not None:
             stacked, targets = self.augmentation(torch.cat([images[:, None], priors], dim=1), targets)
             images, priors = stacked[:, 0], perturb_priors(stacked[:, 1:], self.augmentation.generator)
@@ -678,14 +678,14 @@ class _Loop:
         self.last_loss = float(loss.detach())
         return {"loss": self.last_loss, "stage1": parts["stage1"], "stage2": parts["stage2"], "lr": lr}
 
-    def _priors(self, index: torch.Tensor) -> Optional[torch.Tensor]:
-        """The batch's priors; None (a prompt-free step) for unguided models and for a
-        ``prompt_dropout`` share of guided steps."""
+    def _priors(self, index: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        """The batch's priors (leave-one-out or, perturbed later, the slices' own labels); None (a
+        prompt-free step) for unguided models and for a ``prompt_dropout`` share of guided steps."""
         if self.train_priors is None:
             return None
         if float(torch.rand(1, generator=self.augmentation.generator)) < self.config.prompt_dropout:
             return None
-        return self.train_priors[index].to(self.device)
+        return mix_own_priors(self.train_priors[index].to(self.device), targets, self.augmentation.generator)
 
     def validate(self) -> tuple[float, list[Optional[float]]]:
         """(mean, per-class) validation Dice; the best weights so far kept."""

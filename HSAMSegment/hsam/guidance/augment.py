@@ -12,6 +12,9 @@ MAX_SHIFT = 0.02  # of the slice side
 MORPHOLOGY_PROBABILITY = 0.3
 MAX_RADIUS = 2  # pixels at the network's input size
 DROP_PROBABILITY = 0.05
+# The share of training priors made from the slice's own labels, perturbed: the near slices of segment
+# time, whose interpolation is almost right, next to the leave-one-out priors' far ones.
+OWN_PRIOR_PROBABILITY = 0.5
 
 
 def _uniform(generator: torch.Generator) -> float:
@@ -53,6 +56,25 @@ def perturb_prior(prior: Tensor, generator: torch.Generator) -> Tensor:
             out[k] = -PRIOR_LOGIT
         elif _uniform(generator) < MORPHOLOGY_PROBABILITY:
             out[k] = dilate(out[k], _randint(generator, -MAX_RADIUS, MAX_RADIUS))
+    return out
+
+
+def own_label_prior(labels: Tensor, num_classes: int) -> Tensor:
+    """(H, W) class indices -> (K+1, H, W) one-hot prior logits (background 0, classes ±PRIOR_LOGIT)."""
+    logits = torch.full((num_classes + 1, *labels.shape), -PRIOR_LOGIT, device=labels.device)
+    logits[0] = 0.0
+    for k in range(1, num_classes + 1):
+        logits[k][labels == k] = PRIOR_LOGIT
+    return logits
+
+
+def mix_own_priors(priors: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+    """(N, K+1, H, W) leave-one-out priors, each replaced with probability ``OWN_PRIOR_PROBABILITY``
+    by its slice's own labels (``targets`` (N, H, W)), to be perturbed like the others."""
+    out = priors.clone()
+    for i in range(len(priors)):
+        if _uniform(generator) < OWN_PRIOR_PROBABILITY:
+            out[i] = own_label_prior(targets[i], priors.shape[1] - 1)
     return out
 
 
