@@ -330,3 +330,17 @@ def test_cli_finetune_stops_early_on_the_stop_file_and_saves(phantom, tmp_path):
 
     recorded = read_bundle_metadata(model).training
     assert 2 <= recorded["steps"] and recorded["epochs"] < 1000
+
+
+def test_some_training_priors_come_from_the_slices_own_labels(phantom):
+    from hsam.guidance.augment import mix_own_priors, own_label_prior
+
+    _, labels, _ = phantom
+    classes = class_indices(labels)
+    prior = SlicePrior(classes, [3, 10], 2, "nearest")
+    np.testing.assert_array_equal(own_label_prior(torch.from_numpy(classes[3]).long(), 2).numpy(), prior.logits(3))
+    targets = torch.from_numpy(classes[[10] * 40]).long()
+    far = torch.from_numpy(np.stack([prior.leave_one_out(10)] * 40))
+    mixed = mix_own_priors(far, targets, torch.Generator().manual_seed(0))
+    own = [torch.equal(m, own_label_prior(targets[0], 2)) for m in mixed]
+    assert 5 < sum(own) < 35 and all(o or torch.equal(m, far[0]) for o, m in zip(own, mixed))
