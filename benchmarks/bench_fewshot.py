@@ -212,7 +212,8 @@ def main() -> None:
         raise SystemExit(f"not written: the machine was not quiet ({quiet}); rerun alone or --force")
     command = " ".join(["python benchmarks/bench_fewshot.py", *sys.argv[1:]])
     note = "**Loaded machine: these figures are not evidence.**\n\n" if loaded else ""
-    update_docs("Few-shot: guided H-SAM against Slicer's baselines", command, (
+    grid = f"{', '.join(args.datasets)}; k = {', '.join(map(str, args.every))}; {', '.join(f'{b:.0f}' for b in args.budgets)} s"
+    update_docs(f"Few-shot: guided H-SAM against Slicer's baselines ({grid})", command, (
         note + quiet + ". k: every k-th labelled axial slice annotated; Dice per class on "
         "the labelled slices that were not annotated.\n\n" + text + "\n\n" + DATA_NOTE))
 
