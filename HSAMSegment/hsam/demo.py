@@ -38,7 +38,6 @@ CLASSES = (("Grey matter", 1, (0.96, 0.55, 0.20)), ("White matter", 2, (0.25, 0.
 ANNOTATE_EVERY = 10
 # The demo on a CPU: the tiny preset for at most this long (SAM ViT-B when its weights are given).
 CPU_TIME_BUDGET = 240.0
-DEFAULT_EPOCHS = 300
 OVERLAY_SLICES = 4
 OVERLAY_OPACITY = 0.45
 TITLE_HEIGHT = 16
@@ -227,7 +226,7 @@ def run_demo(
         preset=preset,
         sam_checkpoint=sam_checkpoint,
         img_size=img_size,
-        epochs=epochs if epochs is not None else DEFAULT_EPOCHS,
+        epochs=epochs,
         time_budget=time_budget,
         slices=annotated,
         preprocessing=IntensityPreprocessing(mode="percentile"),

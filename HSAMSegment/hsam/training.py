@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -65,6 +65,9 @@ PathLike = Union[str, os.PathLike]
 DEFAULT_IMG_SIZE = {"tiny": 256}  # every vit_* preset: 512, as the authors' 10 % Synapse run
 FALLBACK_IMG_SIZE = 512
 DEFAULT_EPOCHS = 300
+# Guided models train on a handful of slices next to a strong prior: longer runs lose on held-out
+# slices (MNI k = 10: 0.942 after 60 epochs, 0.924 after 223; docs/performance.md).
+DEFAULT_GUIDED_EPOCHS = 60
 DEFAULT_LEARNING_RATE = {"tiny": 0.001}  # vit_*: the authors' 0.0025
 FALLBACK_LEARNING_RATE = 0.0025
 BETAS = (0.9, 0.999)
@@ -82,7 +85,8 @@ STATE_FORMAT_VERSION = 1
 @dataclass
 class FinetuneConfig:
     """What to train and how. ``epochs`` and ``time_budget`` (seconds) both stop the run, whichever
-    comes first; with neither, 300 epochs (the authors' count). ``learning_rate`` None: 0.0025 (the
+    comes first; without ``epochs``, 300 (the authors' count), or ``DEFAULT_GUIDED_EPOCHS`` for a
+    guided model. ``learning_rate`` None: 0.0025 (the
     authors') for vit_* presets, 0.001 for ``tiny``. ``slices``: training slice indices along
     ``slice_axis`` (default: every slice carrying a label). ``resume``: a file written by
     ``FinetuneResult.save_training_state``; ``epochs`` is then the total, the epochs already done included.
@@ -526,22 +530,43 @@ def _source_logits(model: HSAM, images: torch.Tensor, priors: torch.Tensor, devi
     return {name: torch.cat(values) for name, values in logits.items()}
 
 
-def choose_sources(dice: dict[str, list[Optional[float]]]) -> list[str]:
-    """Per class, the source (of ``CHOICE_SOURCES``) with the highest Dice; a tie keeps the earlier
-    source, the prior first. A class in neither a source's output nor the slices scores 1 there."""
-    classes = len(dice["prior"])
-    scores = np.array([[1.0 if dice[name][k] is None else dice[name][k] for k in range(classes)]
-                       for name in CHOICE_SOURCES])
-    return [CHOICE_SOURCES[i] for i in scores.argmax(0)]  # argmax: the first of equal scores
+def choose_sources(logits: dict[str, torch.Tensor], targets: torch.Tensor) -> list[str]:
+    """A source of ``CHOICE_SOURCES`` per class, for logits (N, K+1, H, W) per source on slices with
+    labels ``targets`` (N, H, W): the combination (``combine_sources``) with the highest mean Dice
+    whose Dice for every class is at least the prior's alone. Search: the prior everywhere, then each
+    other source everywhere, then one class at a time (two passes); a change is kept only when it
+    raises the mean. A class in neither the output nor the slices scores 1."""
+    classes = logits["prior"].shape[1] - 1
+
+    def scores(choice: list[str]) -> np.ndarray:
+        dice = _class_dice(combine_sources(logits, choice).argmax(1), targets, classes)
+        return np.array([1.0 if d is None else d for d in dice])
+
+    best = ["prior"] * classes
+    floor = best_scores = scores(best)
+
+    def consider(candidate: list[str]) -> None:
+        nonlocal best, best_scores
+        candidate_scores = scores(candidate)
+        if (candidate_scores >= floor).all() and candidate_scores.mean() > best_scores.mean():
+            best, best_scores = candidate, candidate_scores
+
+    for name in CHOICE_SOURCES[1:]:
+        consider([name] * classes)
+    for _ in range(2):
+        for k in range(classes):
+            for name in CHOICE_SOURCES:
+                consider(best[:k] + [name] + best[k + 1 :])
+    return best
 
 
 def select_sources(model: HSAM, images: torch.Tensor, targets: torch.Tensor, priors: torch.Tensor,
                    device: torch.device, batch_size: int) -> dict:
     """What segmentation keeps per class, chosen on held-out annotated slices (``choose_sources``):
-    {"choice": a source per class, "dice": per source, and for the choice, the per-class Dice}."""
+    {"choice": a source per class, "dice": the per-class Dice of each source alone and of the choice}."""
     logits = _source_logits(model, images, priors, device, batch_size)
     dice = {name: _class_dice(values.argmax(1), targets, model.num_classes) for name, values in logits.items()}
-    choice = choose_sources(dice)
+    choice = choose_sources(logits, targets)
     dice["chosen"] = _class_dice(combine_sources(logits, choice).argmax(1), targets, model.num_classes)
     return {"choice": choice, "dice": dice}
 
@@ -934,6 +959,8 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         base_checkpoint=built.base_checkpoint,
         guidance={"prior": built.guidance, "prompt_dropout": config.prompt_dropout} if built.guidance else None,
     )
+    if built.guidance is not None and config.epochs is None:
+        config = replace(config, epochs=DEFAULT_GUIDED_EPOCHS)
     loop = _Loop(model, config, ddp, device, base_lr, data, classes.names, progress, cancel)
     if preview is not None and ddp.rank == 0:
         loop.on_epoch = lambda: preview(model, metadata)
