@@ -496,8 +496,17 @@ def test_requirements_file_reads_like_slicer_packaging_and_is_installed_here():
     lines = [line.strip() for line in dependencies.REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()]
     specs = [line for line in lines if line and not line.startswith(("#", "-"))]
     assert [Requirement(line) for line in specs] == dependencies.read_requirements()  # no inline comments
-    assert {dependencies.import_name(r) for r in dependencies.read_requirements()} == {"segment_anything", "safetensors"}
+    assert {dependencies.import_name(r) for r in dependencies.read_requirements()} == {"segment_anything", "safetensors",
+                                                                                       "cv2"}
     assert dependencies.install_plan().empty
+
+
+def test_any_opencv_distribution_satisfies_opencv(monkeypatch):
+    installed = dependencies.installed_version("opencv-python-headless")
+    wanted = Requirement(f"opencv-contrib-python=={installed}")  # another distribution of cv2, not installed here
+    assert dependencies.install_plan([wanted]).pip == [str(wanted)]
+    monkeypatch.setitem(dependencies.ALTERNATIVES, "opencv-contrib-python", ("opencv-python-headless",))
+    assert dependencies.install_plan([wanted]).pip == []  # the installed one stands in: no second cv2
 
 
 def test_torch_minimum_matches_the_engine_and_pyproject():
