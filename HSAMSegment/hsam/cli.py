@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 from . import __version__
 from .errors import HSAMError, HSAMWarning, InputError, printable
 from .files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
-from .presets import DEFAULT_PRIOR, PRIOR_KINDS
+from .presets import DEFAULT_PRIOR, PRIOR_KINDS, SLICE_AXES
 from .progress import JsonProgress
 
 if TYPE_CHECKING:
@@ -473,6 +473,23 @@ class _PreviewWriter:
             self.bar.emit("preview", f"preview written: {self.path.name}", output=self.path)
 
 
+def _interpolate(args: argparse.Namespace) -> None:
+    from .guidance.interpolate import interpolate_annotations
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
+    for path, what in ((args.volume, "volume"), (args.annotations, "annotations")):
+        _check_input(path, what)
+    check_distinct([output], [args.volume, args.annotations])
+    with _progress(args, "interpolating", "interpolate") as bar:
+        count = interpolate_annotations(Path(args.volume), Path(args.annotations), output, args.axis, args.overwrite)
+    summary = f"{count} annotated {args.axis} slices interpolated"
+    if isinstance(bar, JsonProgress):
+        bar.result(summary, output=output)
+        return
+    print(summary, file=sys.stderr)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from .cohort import cases_from_arguments
 
@@ -781,6 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     progress_option(p)
     p.set_defaults(run=_finetune)
+
+    p = commands.add_parser(
+        "interpolate", description="Write the interpolation of the annotated slices of LABELS through VOLUME "
+        "(the guided prior, no model): the first preview of the Segment Editor's HSAM fill.")
+    p.add_argument("volume", help="image volume")
+    p.add_argument("annotations", metavar="LABELS", help="annotated slices (.seg.nrrd or labelmap on the volume's grid)")
+    p.add_argument("-o", "--output", required=True, help="output .seg.nrrd or labelmap")
+    p.add_argument("--axis", default="axial", choices=tuple(SLICE_AXES), help="slice axis (default: axial)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    progress_option(p)
+    p.set_defaults(run=_interpolate)
 
     p = commands.add_parser(
         "evaluate", help="Dice and HD95 of a segmentation against a reference",

@@ -495,13 +495,14 @@ def _paste(labels: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np
 # ------------------------------------------------------------------------------------- writing
 
 
-def write_image(path: PathLike, image: sitk.Image, overwrite: bool = False, outputs: Optional[Outputs] = None) -> None:
-    """Write ``image`` compressed, in the format of ``path``'s suffix, through ``hsam.files.write_atomic``
+def write_image(path: PathLike, image: sitk.Image, overwrite: bool = False, outputs: Optional[Outputs] = None,
+                compress: bool = True) -> None:
+    """Write ``image`` (compressed unless ``compress`` is False), in the format of ``path``'s suffix, through ``hsam.files.write_atomic``
     (staged in ``outputs`` if given): it is read back with HSAM's checks and compared voxel by voxel
     before it is renamed into place, as ITK's NIfTI writer does not report a full disk."""
     def write(temporary: Path) -> None:
         with _native_output_silenced():
-            sitk.WriteImage(image, str(temporary), True)
+            sitk.WriteImage(image, str(temporary), compress)
 
     def verify(temporary: Path) -> None:
         try:
@@ -515,11 +516,13 @@ def write_image(path: PathLike, image: sitk.Image, overwrite: bool = False, outp
     write_atomic(path, write, overwrite, verify, outputs)
 
 
-def write_volume(path: PathLike, volume: Volume, overwrite: bool = False, outputs: Optional[Outputs] = None) -> None:
-    """Write ``volume`` (its own dtype, compressed) to ``.nrrd``, ``.nii``, ``.nii.gz`` or ``.mha``."""
+def write_volume(path: PathLike, volume: Volume, overwrite: bool = False, outputs: Optional[Outputs] = None,
+                 compress: bool = True) -> None:
+    """Write ``volume`` (its own dtype, compressed unless ``compress`` is False) to ``.nrrd``, ``.nii``,
+    ``.nii.gz`` or ``.mha``."""
     path = Path(path)
     _check_suffix(path, VOLUME_SUFFIXES, "volume")
-    write_image(path, volume.to_sitk(), overwrite, outputs)
+    write_image(path, volume.to_sitk(), overwrite, outputs, compress)
 
 
 def write_labelmap(
