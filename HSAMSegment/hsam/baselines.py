@@ -1,6 +1,8 @@
 """What a 3D Slicer user gets today without a learned model, as functions on (z, y, x) arrays.
 
 * ``nearest_slice_copy``: every slice takes the labels of the nearest annotated slice.
+* ``flow_propagation``: the annotated slices carried along the optical flow between neighbouring
+  slices, both directions blended by distance (``hsam.guidance.flow``): the strongest of these.
 * ``fill_between_slices``: the Segment Editor's *Fill between slices* effect, i.e. ITK's
   morphological contour interpolation (Albu et al., IEEE TBME 2008) through Slicer's
   ``vtkITKMorphologicalContourInterpolator`` (PyPI ``slicer-core``), with the effect's settings.
@@ -10,7 +12,7 @@
 """
 
 import os
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,6 +39,30 @@ def nearest_slice_copy(labels: np.ndarray, annotated: Sequence[int], axis: int =
     source = np.asarray(_check_annotated(labels, annotated, axis))
     nearest = source[np.abs(np.arange(labels.shape[axis])[:, None] - source[None]).argmin(1)]
     return np.take(labels, nearest, axis=axis)
+
+
+def flow_propagation(image: np.ndarray, labels: np.ndarray, annotated: Sequence[int], axis: int = 0,
+                     modality: Optional[str] = None, progress: Optional[Callable[[float, str], None]] = None) -> np.ndarray:
+    """The ``annotated`` slices (along ``axis``) of ``labels`` carried through ``image`` (same shape)
+    along the optical flow between neighbouring slices; ``modality`` ``ct`` or ``mr`` sets the
+    intensities the flow sees (default: told from the image). The annotated slices come out unchanged.
+    ``progress(fraction, message)`` is called after every slice."""
+    from .guidance.flow import FlowPropagation, flow_images, modality_of
+
+    chosen = _check_annotated(labels, annotated, axis)
+    if image.shape != labels.shape:
+        raise InputError(f"the labels {labels.shape} do not match the image {image.shape}")
+    if labels.min() < 0 or labels.max() >= 2**16:
+        raise InputError("label values must be between 0 and 65535")
+    slices = np.moveaxis(image, axis, 0)
+    values = np.unique(np.take(labels, chosen, axis=axis))
+    values = values[values != 0]
+    lookup = np.zeros(int(labels.max()) + 1, dtype=np.int64)
+    lookup[values] = np.arange(1, len(values) + 1)
+    class_labels = lookup[np.moveaxis(labels, axis, 0)]
+    propagation = FlowPropagation(flow_images(slices, modality or modality_of(slices)), class_labels, chosen, len(values))
+    out = np.concatenate([[0], values]).astype(labels.dtype)[propagation.volume(progress)]
+    return np.moveaxis(out, 0, axis)
 
 
 def fill_between_slices(labels: np.ndarray, annotated: Sequence[int], axis: int = 0) -> np.ndarray:

@@ -24,6 +24,7 @@ from . import __version__
 from .errors import CheckpointError, InputError, printable
 from .files import Outputs, check_writable, write_bytes_atomic
 from .presets import (
+    CHOICE_SOURCES,
     CMATTN_MODES,
     INTENSITY_MODES,
     MAX_CLASSES,
@@ -64,7 +65,9 @@ def default_color(index: int) -> tuple[float, float, float]:
 class BundleMetadata:
     """What a model needs to be used correctly: classes, preprocessing, provenance. ``guidance``:
     None for a prompt-free model; for a guided one {"prior": a PRIOR_KINDS name it learned with,
-    "prompt_dropout": the share of training steps run prompt-free}."""
+    "prompt_dropout": the share of training steps run prompt-free, "choice": per class, the
+    CHOICE_SOURCES name segmentation keeps (absent: guided), "selection": {"slices": how many
+    held-out annotated slices the choice was made on, "dice": per source, the per-class Dice there}}."""
 
     @property
     def guided(self) -> bool:
@@ -161,13 +164,17 @@ def _check_base_checkpoint(value: object) -> None:
     )
 
 
-def _check_guidance(value: object) -> None:
+def _check_guidance(value: object, num_classes: object) -> None:
     if value is None:
         return
     _require(isinstance(value, dict) and value.get("prior") in PRIOR_KINDS,
              f"guidance must name a prior, one of {', '.join(PRIOR_KINDS)}")
     dropout = value.get("prompt_dropout", 0.0)
     _require(_is_number(dropout) and 0 <= dropout <= 1, "guidance prompt_dropout must be from 0 to 1")
+    choice = value.get("choice")
+    _require(choice is None or (isinstance(choice, list) and len(choice) == num_classes
+                                and all(c in CHOICE_SOURCES for c in choice)),
+             f"guidance choice must list one of {', '.join(CHOICE_SOURCES)} per class")
 
 
 REQUIRED_FIELDS = ("preset", "img_size", "num_classes", "class_names", "class_colors", "label_values", "preprocessing")
@@ -200,7 +207,7 @@ def validate_metadata(data: object) -> None:
     rank = data.get("lora_rank", 5)
     _require(_is_int(rank) and 1 <= rank <= MAX_LORA_RANK, f"lora_rank must be an integer from 1 to {MAX_LORA_RANK}")
     _check_base_checkpoint(data.get("base_checkpoint"))
-    _check_guidance(data.get("guidance"))
+    _check_guidance(data.get("guidance"), data.get("num_classes"))
     _require(isinstance(data.get("training", {}), dict), "training must be an object")
     _require(isinstance(data.get("hsam_version", ""), str), "hsam_version must be a string")
 

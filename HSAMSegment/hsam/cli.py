@@ -229,6 +229,42 @@ def _segment(args: argparse.Namespace) -> None:
     print(output)
 
 
+def _propagate(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
+    for path, what in ((args.volume, "volume"), (args.annotations, "annotations")):
+        _check_input(path, what)
+    check_distinct([output], [args.volume, args.annotations])
+    with Outputs(args.overwrite) as outputs, _progress(args, "propagating", "load") as bar:
+        outputs.claim([output])
+        from .baselines import flow_propagation
+        from .guidance.flow import modality_of
+        from .guidance.priors import annotated_slices
+        from .io import read_labelmap, read_volume, write_output
+
+        bar.start("load", f"loading {Path(args.volume).name} and {Path(args.annotations).name}")
+        volume = read_volume(args.volume, series=args.series)
+        labels, segments = read_labelmap(args.annotations, reference=volume, resample=args.resample_labels)
+        axis = SLICE_AXES[args.axis]
+        annotated = annotated_slices(labels, axis)
+        if not annotated:
+            raise InputError(f"{printable(Path(args.annotations).name)} has no annotated slice")
+        modality = args.modality or modality_of(volume.array)
+        started = time.monotonic()
+        bar.start("propagate", f"propagating {len(annotated)} annotated {args.axis} slices ({modality})")
+        result = flow_propagation(volume.array, labels, annotated, axis, modality, progress=bar)
+        bar.start("write", f"writing {output.name}")
+        write_output(output, result, volume, segments, outputs=outputs)
+        outputs.publish()
+    summary = (f"{len(annotated)} annotated {args.axis} slices propagated through {volume.array.shape[axis]} "
+               f"({modality}) in {time.monotonic() - started:.1f} s")
+    if isinstance(bar, JsonProgress):
+        bar.result(summary, output=output)
+        return
+    print(summary, file=sys.stderr)
+    print(output)
+
+
 def _segment_volume(
     args: argparse.Namespace, probabilities: bool, bar
 ) -> tuple[Volume, BundleMetadata, SegmentationResult, str]:
@@ -442,6 +478,9 @@ def _finetune(args: argparse.Namespace) -> None:
     if main_process:
         training = result.metadata.training
         summary = f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s"
+        choice = (result.metadata.guidance or {}).get("choice")
+        if choice:
+            summary += "; kept " + ", ".join(f"{n}: {c}" for n, c in zip(result.metadata.class_names, choice))
         if isinstance(bar, JsonProgress):
             bar.result(summary, output=output)
         else:
@@ -587,15 +626,27 @@ def _info_bundle(path: Path) -> None:
                               f"{guidance.get('prompt_dropout', 0):.0%} of the training steps)" if guidance
                               else "prompt-free"))
     print("classes:")
-    for name, value, color, term in zip(
+    for index, (name, value, color, term) in enumerate(zip(
         metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
-    ):
+    )):
         rgb = "#" + "".join(f"{round(255 * c):02x}" for c in color)
-        print(f"  {value:>5}  {printable(name):<24} {rgb}" + (f"  {printable(term)}" if term else ""))
+        print(f"  {value:>5}  {printable(name):<24} {rgb}" + (f"  {printable(term)}" if term else "")
+              + _class_choice(guidance, index))
     if metadata.training:
         print("training:")
         for key, value in metadata.training.items():
             print(f"  {printable(key, 60)}: {printable(json.dumps(value))}")
+
+
+def _class_choice(guidance: Optional[dict], index: int) -> str:
+    """What a guided model keeps for class ``index`` and the Dice of each source that chose it."""
+    if not guidance or "choice" not in guidance:
+        return ""
+    dice = guidance.get("selection", {}).get("dice", {})
+    scores = ", ".join(f"{source} {'–' if d[index] is None else f'{d[index]:.3f}'}"
+                       for source, d in dice.items() if source != "chosen")
+    slices = guidance.get("selection", {}).get("slices")
+    return f"  keeps {guidance['choice'][index]}" + (f" (Dice on {slices} held-out slices: {scores})" if scores else "")
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -709,6 +760,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     progress_option(p)
     p.set_defaults(run=_segment)
+
+    p = commands.add_parser(
+        "propagate", help="carry annotated slices through a volume along the optical flow, no model",
+        description="The annotated slices of ANNOTATIONS carried slice by slice through VOLUME along the dense "
+        "optical flow between neighbouring slices, in both directions, blended by distance; beyond the first and "
+        "last annotated slice the end slice is carried on. The annotated slices are kept exactly. Seconds, no "
+        "model, no PyTorch: the prior that guided models correct.",
+    )
+    p.add_argument("volume", help="image volume (NIfTI, NRRD, MetaImage, or a DICOM folder)")
+    p.add_argument("annotations", help="the annotated slices: .seg.nrrd or labelmap on the volume's grid")
+    p.add_argument("-o", "--output", required=True,
+                   help="the propagated segmentation: .seg.nrrd (3D Slicer, the annotations' segments) or a "
+                   "labelmap (.nrrd, .nii.gz, .nii, .mha)")
+    p.add_argument("--axis", default="axial", choices=tuple(SLICE_AXES), help="the annotated slices' axis (default: axial)")
+    p.add_argument("--modality", choices=("ct", "mr"),
+                   help="intensities the flow sees: ct = a −200…300 HU window, mr = the 1st–99th percentiles "
+                   "(default: ct when the volume holds air in Hounsfield units, else mr)")
+    series_option(p)
+    resample_option(p, "annotations on another voxel grid than the volume's")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    progress_option(p)
+    p.set_defaults(run=_propagate)
 
     p = commands.add_parser(
         "suggest", help="which slices to annotate next",

@@ -12,13 +12,14 @@ import os
 import platform
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
 from .errors import Cancelled, HSAMError, InputError
+from .guidance.flow import flow_images, modality_of
 from .guidance.priors import SlicePrior, annotated_slices, volume_class_labels
 from .modeling.hsam import HSAM
 from .modeling.image_encoder import release_scratch_buffer
@@ -166,10 +167,12 @@ def _forward(
     autocast_dtype: Optional[torch.dtype],
     uncertainty: Optional[str] = None,
     prior: Optional[torch.Tensor] = None,
+    choice: Optional[Sequence[str]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """slices: (B, H, W) in [0, 1] on the model's device -> (float32 logits (B, C+1, H, W), the
     ``uncertainty`` signal (B, H, W) or None). prior: (B, C+1, H, W) prior logits on the slices' grid
-    (guided mode): the logits are then the prior plus the model's correction, resized to the grid."""
+    (guided mode): the logits are then the prior plus the model's correction, resized to the grid;
+    ``choice`` (guided): each class's source among ``CHOICE_SOURCES`` (``combine_sources``)."""
     images = slices_to_model_input(slices, model.img_size)
     size = tuple(slices.shape[-2:])
     model_prior = None if prior is None else logits_to_grid(prior, (model.img_size, model.img_size))
@@ -182,7 +185,24 @@ def _forward(
         voxels = voxel_uncertainty(*stage_logits_on_grid(output.stage1_logits, output.stage2_logits, size), uncertainty)
     if prior is None:
         return logits_to_grid(output.masks.float(), size), voxels
-    return prior + logits_to_grid(output.correction.float(), size), voxels
+    sources = {"prior": prior, "guided": prior + logits_to_grid(output.correction.float(), size)}
+    if choice is None or set(choice) <= {"guided"}:
+        return sources["guided"], voxels
+    if "prompt-free" in choice:
+        with autocast:
+            sources["prompt-free"] = logits_to_grid(model(images).masks.float(), size)
+    return combine_sources(sources, choice), voxels
+
+
+def combine_sources(sources: dict[str, torch.Tensor], choice: Sequence[str]) -> torch.Tensor:
+    """(B, K+1, H, W) logits whose class k comes from ``sources[choice[k − 1]]``, as that source's
+    log-odds of k against the background (channel 0 is 0). Where every class has the same source
+    the arg-max is that source's."""
+    first = next(iter(sources.values()))
+    out = torch.zeros_like(first)
+    for k, name in enumerate(choice, start=1):
+        out[:, k] = sources[name][:, k] - sources[name][:, 0]
+    return out
 
 
 def class_indices(logits: torch.Tensor) -> torch.Tensor:
@@ -214,11 +234,13 @@ def keep_largest_components(labels: np.ndarray, label_values: list[int], cancel=
 
 
 class _AnnotationGuide:
-    """The prior of every slice from the annotated ones, along axis 0 of ``class_labels``."""
+    """The prior of every slice from the annotated ones, along axis 0 of ``class_labels``; ``images``:
+    the volume's slices along that axis (for the ``flow`` prior)."""
 
-    def __init__(self, class_labels: np.ndarray, num_classes: int, kind: str) -> None:
+    def __init__(self, class_labels: np.ndarray, num_classes: int, kind: str, images: np.ndarray) -> None:
         self.annotated = annotated_slices(class_labels, 0)
-        self.prior = SlicePrior(class_labels, self.annotated, num_classes, kind)
+        flow = flow_images(images, modality_of(images)) if kind == "flow" else None
+        self.prior = SlicePrior(class_labels, self.annotated, num_classes, kind, flow)
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         """(stop − start, K+1, H, W) prior logits."""
@@ -229,16 +251,16 @@ class _AnnotationGuide:
         labels[self.annotated] = annotations[self.annotated]
 
 
-def _annotation_prior(model: HSAM, metadata, annotations: Optional[np.ndarray], shape: tuple, axis: int):
+def _annotation_prior(model: HSAM, metadata, annotations: Optional[np.ndarray], array: np.ndarray, axis: int):
     if annotations is None:
         return None
     if not metadata.guided or not model.guided:
         raise InputError("this model is prompt-free: fine-tune a guided model (hsam finetune --guided) to use annotations")
     annotations = np.asarray(annotations)
-    if annotations.shape != shape:
-        raise InputError(f"the annotations' grid {annotations.shape} differs from the volume's {shape}")
+    if annotations.shape != array.shape:
+        raise InputError(f"the annotations' grid {annotations.shape} differs from the volume's {array.shape}")
     class_labels = np.moveaxis(volume_class_labels(annotations, metadata.label_values), axis, 0)
-    return _AnnotationGuide(class_labels, metadata.num_classes, metadata.guidance["prior"])
+    return _AnnotationGuide(class_labels, metadata.num_classes, metadata.guidance["prior"], np.moveaxis(array, axis, 0))
 
 
 def segment_volume(
@@ -267,8 +289,10 @@ def segment_volume(
     connected component (probabilities are left as predicted). ``uncertainty``: a signal of
     ``hsam.uncertainty.SIGNALS`` to also return the uncertainty map and per-slice scores.
     ``annotations``: a labelmap of the model's label values on the volume's grid, for guided models:
-    its annotated slices (any label along the model's axis) are interpolated into the prior the model
-    corrects, and come out exactly as drawn. A guided model without annotations runs prompt-free.
+    its annotated slices (any label along the model's axis) are propagated into the prior the model
+    corrects (the bundle's prior kind), each class is taken from the source the model chose for it in
+    training (prior, guided or prompt-free), and the annotated slices come out exactly as drawn. A
+    guided model without annotations runs prompt-free.
     """
     array = np.asarray(volume.array)
     _check_volume(array)
@@ -284,7 +308,8 @@ def segment_volume(
     axis = SLICE_AXES[metadata.slice_axis]
     start, stop = _slice_bounds(slice_range, array.shape[axis])
     report = progress or (lambda fraction, message: None)
-    guide = _annotation_prior(model, metadata, annotations, array.shape, axis)
+    guide = _annotation_prior(model, metadata, annotations, array, axis)
+    choice = metadata.guidance.get("choice") if guide is not None else None
 
     lookup = np.array([0, *metadata.label_values], dtype=_label_dtype(metadata.label_values))
     labels = np.zeros(array.shape, dtype=lookup.dtype)
@@ -314,7 +339,7 @@ def segment_volume(
                 slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
                 prior = None if guide is None else guide.batch(index, end).to(torch_device)
                 try:
-                    logits, voxels = _forward(model, slices.to(torch_device), autocast_dtype, uncertainty, prior)
+                    logits, voxels = _forward(model, slices.to(torch_device), autocast_dtype, uncertainty, prior, choice)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not is_out_of_memory(e):
                         raise

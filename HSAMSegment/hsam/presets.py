@@ -8,8 +8,10 @@ SUPPORTED_IMG_SIZES = (224, 256, 512, 1024)
 CMATTN_MODES = ("reference", "paper")
 INTENSITY_MODES = ("ct", "percentile")
 # Guided mode: how annotated slices are interpolated into a prior (see hsam.guidance.priors).
-PRIOR_KINDS = ("linear", "nearest", "fill", "distance")
-DEFAULT_PRIOR = "linear"
+PRIOR_KINDS = ("flow", "linear", "nearest", "fill", "distance")
+DEFAULT_PRIOR = "flow"
+# What a guided model keeps per class: its prior, its guided output or its prompt-free output.
+CHOICE_SOURCES = ("prior", "guided", "prompt-free")
 # Slice axis name -> axis of a (z, y, x) array.
 SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 MAX_CLASSES = 255

@@ -51,12 +51,13 @@ from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
 from .files import write_bytes_atomic
 from .guidance.augment import mix_own_priors, perturb_priors
+from .guidance.flow import flow_images, modality_of
 from .guidance.priors import SlicePrior, annotated_slices
-from .inference import resolve_precision, select_device
+from .inference import combine_sources, resolve_precision, select_device
 from .loss import HSAMLoss
 from .modeling.hsam import HSAM
 from .preprocess import SLICE_AXES, IntensityPreprocessing
-from .presets import MAX_CLASSES, MAX_LABEL_VALUE
+from .presets import CHOICE_SOURCES, MAX_CLASSES, MAX_LABEL_VALUE
 from .sam_weights import SAM_CHECKPOINTS, cached_sha256, check_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -508,6 +509,43 @@ def _validate(
     return _class_dice(torch.cat(predictions), targets, model.num_classes)
 
 
+@torch.no_grad()
+def _source_logits(model: HSAM, images: torch.Tensor, priors: torch.Tensor, device: torch.device,
+                   batch_size: int) -> dict[str, torch.Tensor]:
+    """(N, K+1, S, S) logits of each of ``CHOICE_SOURCES`` on the slices ``images`` (N, S, S): the
+    priors themselves, the model guided by them, the model prompt-free."""
+    model.eval()
+    logits: dict[str, list[torch.Tensor]] = {name: [] for name in CHOICE_SOURCES}
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device)[:, None].expand(-1, 3, -1, -1)
+        prior = priors[start : start + batch_size].to(device)
+        logits["prior"].append(prior.float().cpu())
+        logits["guided"].append(model(batch, prior=prior).masks.float().cpu())
+        logits["prompt-free"].append(model(batch).masks.float().cpu())
+    model.train()
+    return {name: torch.cat(values) for name, values in logits.items()}
+
+
+def choose_sources(dice: dict[str, list[Optional[float]]]) -> list[str]:
+    """Per class, the source (of ``CHOICE_SOURCES``) with the highest Dice; a tie keeps the earlier
+    source, the prior first. A class in neither a source's output nor the slices scores 1 there."""
+    classes = len(dice["prior"])
+    scores = np.array([[1.0 if dice[name][k] is None else dice[name][k] for k in range(classes)]
+                       for name in CHOICE_SOURCES])
+    return [CHOICE_SOURCES[i] for i in scores.argmax(0)]  # argmax: the first of equal scores
+
+
+def select_sources(model: HSAM, images: torch.Tensor, targets: torch.Tensor, priors: torch.Tensor,
+                   device: torch.device, batch_size: int) -> dict:
+    """What segmentation keeps per class, chosen on held-out annotated slices (``choose_sources``):
+    {"choice": a source per class, "dice": per source, and for the choice, the per-class Dice}."""
+    logits = _source_logits(model, images, priors, device, batch_size)
+    dice = {name: _class_dice(values.argmax(1), targets, model.num_classes) for name, values in logits.items()}
+    choice = choose_sources(dice)
+    dice["chosen"] = _class_dice(combine_sources(logits, choice).argmax(1), targets, model.num_classes)
+    return {"choice": choice, "dice": dice}
+
+
 def _mean_dice(per_class: list[Optional[float]]) -> float:
     """Mean over the classes that occur (1.0 when none does)."""
     scores = [d for d in per_class if d is not None]
@@ -811,11 +849,18 @@ class _TrainingData:
     split: list[tuple[list[int], list[int]]]
 
 
-def leave_one_out_priors(labels: np.ndarray, axis: int, annotated: list[int], part: list[int], num_classes: int,
-                         kind: str, img_size: int) -> torch.Tensor:
+def volume_prior(labels: np.ndarray, axis: int, annotated: list[int], num_classes: int, kind: str,
+                 image: np.ndarray) -> SlicePrior:
+    """The ``SlicePrior`` of kind ``kind`` of one volume's class labels (z, y, x) along ``axis``;
+    ``image``: the volume's voxels, which the ``flow`` prior follows."""
+    slices = np.moveaxis(image, axis, 0)
+    flow = flow_images(slices, modality_of(slices)) if kind == "flow" else None
+    return SlicePrior(np.moveaxis(labels, axis, 0), annotated, num_classes, kind, flow)
+
+
+def leave_one_out_priors(prior: SlicePrior, part: list[int], img_size: int) -> torch.Tensor:
     """(N, K+1, S, S) prior logits of the annotated slices ``part``, each built from the other
     annotated slices only (``SlicePrior.leave_one_out``), resized to the network's input."""
-    prior = SlicePrior(np.moveaxis(labels, axis, 0), annotated, num_classes, kind)
     logits = torch.from_numpy(np.stack([prior.leave_one_out(i) for i in part]))
     return F.interpolate(logits, size=(img_size, img_size), mode="bilinear", align_corners=False)
 
@@ -834,11 +879,12 @@ def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneC
         else:
             parts = _split_validation(chosen, config.validation and not config.validation_volumes)
         image = preprocessing.apply(case.volume.array)
+        prior = volume_prior(labels, axis, chosen, num_classes, guidance, case.volume.array) if guidance else None
         for tensors, part in zip((train, validation), parts):
             if part:
                 tensors.append(_slice_tensors(image, labels, axis, part, img_size))
-                if guidance is not None:
-                    tensors[-1] += (leave_one_out_priors(labels, axis, chosen, part, num_classes, guidance, img_size),)
+                if prior is not None:
+                    tensors[-1] += (leave_one_out_priors(prior, part, img_size),)
         split.append(parts)
     if not train:
         raise InputError("no training slice is left once the validation slices are held out")
@@ -899,6 +945,10 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
     state = loop.state(classes)
     if loop.best_state is not None:
         model.load_state_dict({k: v.to(device) for k, v in loop.best_state.items()}, strict=False)
+    if metadata.guided and loop.val_priors is not None:
+        selection = select_sources(model, loop.val_images, loop.val_targets, loop.val_priors, device, config.batch_size)
+        metadata.guidance["choice"] = selection["choice"]
+        metadata.guidance["selection"] = {"slices": len(loop.val_images), "dice": selection["dice"]}
     model.eval()
     metadata.training = {
         "hsam_version": __version__,

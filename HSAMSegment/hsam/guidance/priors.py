@@ -14,8 +14,11 @@ Kinds (``PRIOR_KINDS``):
   ``DISTANCE_SCALE`` pixels: soft near boundaries, where interpolation errs.
 * ``nearest``: the labels of the nearest annotated slice (one-hot logits).
 * ``fill``: the Segment Editor's *Fill between slices* (``hsam.baselines.fill_between_slices``).
+* ``flow`` (the default): the annotated slices' labels carried along the optical flow between
+  neighbouring image slices, both directions blended by distance (``hsam.guidance.flow``); it needs
+  the volume's slices. Probabilities p give logits log p − log p₀, as ``linear``.
 
-Outside the annotated range every kind copies the nearest annotated slice. ``leave_one_out`` builds an
+Outside the annotated range ``flow`` carries the end slice on; every other kind copies it. ``leave_one_out`` builds an
 annotated slice's prior from the other annotated slices only, as fine-tuning needs it.
 """
 
@@ -29,6 +32,8 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..presets import PRIOR_KINDS, SLICE_AXES
+from .flow import FlowPropagation
+
 PRIOR_LOGIT = 6.0
 DISTANCE_SCALE = 2.0
 MIN_ANNOTATED = 2
@@ -50,11 +55,15 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
 
 class SlicePrior:
     """Priors for the slices of one volume along axis 0 of ``class_labels`` ((n, H, W) class indices,
-    0 = background), from the slices ``annotated``."""
+    0 = background), from the slices ``annotated``. ``images``: the volume's (n, H, W) uint8 slices
+    (``hsam.guidance.flow.flow_images``), needed by the ``flow`` kind."""
 
-    def __init__(self, class_labels: np.ndarray, annotated: Sequence[int], num_classes: int, kind: str = "linear"):
+    def __init__(self, class_labels: np.ndarray, annotated: Sequence[int], num_classes: int, kind: str = "linear",
+                 images: Optional[np.ndarray] = None):
         if kind not in PRIOR_KINDS:
             raise InputError(f"unknown prior {kind!r}; choose one of {', '.join(PRIOR_KINDS)}")
+        if kind == "flow" and images is None:
+            raise ValueError("the flow prior needs the volume's slices")
         self.labels = class_labels
         self.annotated = sorted({int(i) for i in annotated})
         if len(self.annotated) < MIN_ANNOTATED:
@@ -63,9 +72,12 @@ class SlicePrior:
         self.kind = kind
         self._distances = lru_cache(maxsize=None)(self._class_distances)
         self._filled = lru_cache(maxsize=2)(self._fill)
+        self._flow = FlowPropagation(images, class_labels, self.annotated, num_classes) if kind == "flow" else None
 
     def logits(self, index: int, exclude: Optional[int] = None) -> np.ndarray:
         """(K+1, H, W) float32 prior of slice ``index``, ignoring the annotated slice ``exclude``."""
+        if self._flow is not None:
+            return probability_logits(self._flow.probabilities(index, exclude))
         known = [a for a in self.annotated if a != exclude]
         below = [a for a in known if a <= index]
         above = [a for a in known if a >= index]
@@ -98,11 +110,9 @@ class SlicePrior:
 
     def _blend(self, below: np.ndarray, above: np.ndarray, weight: float) -> np.ndarray:
         """Logits of (1 − weight)·one-hot(below) + weight·one-hot(above), relative to the background."""
-        floor = np.float32(np.exp(-PRIOR_LOGIT))
         probabilities = np.stack([(1.0 - weight) * (below == k) + weight * (above == k)
                                   for k in range(self.num_classes + 1)]).astype(np.float32)
-        logits = np.log(probabilities + floor) - np.log(probabilities[:1] + floor)
-        return np.clip(logits, -PRIOR_LOGIT, PRIOR_LOGIT)
+        return probability_logits(probabilities)
 
     def _class_distances(self, index: int) -> list[Optional[np.ndarray]]:
         """Signed distance of every class in annotated slice ``index`` (None: class absent)."""
@@ -128,6 +138,13 @@ class SlicePrior:
 
         slab = self.labels[low : high + 1]
         return fill_between_slices(slab, [0, high - low], axis=0)
+
+
+def probability_logits(probabilities: np.ndarray) -> np.ndarray:
+    """(K+1, H, W) class probabilities -> prior logits relative to the background, within ±PRIOR_LOGIT."""
+    floor = np.float32(np.exp(-PRIOR_LOGIT))
+    logits = np.log(probabilities + floor) - np.log(probabilities[:1] + floor)
+    return np.clip(logits, -PRIOR_LOGIT, PRIOR_LOGIT, out=logits)
 
 
 def volume_class_labels(labels: np.ndarray, label_values: Sequence[int]) -> np.ndarray:
