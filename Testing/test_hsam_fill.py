@@ -1,7 +1,8 @@
 """HSAM fill (the Segment Editor effect's logic, ``HSAMLib.fill_logic``) on real MRML (slicer-core) with
 real ``hsam`` worker processes: painted input checks, resampling like the Segment Editor, the first
-preview being the interpolation, an undoable apply that keeps the painted slices, cancel, and update
-continuing from the model.
+preview being the flow propagation (a quick torch-free worker), an undoable apply that keeps the
+slices painted at that moment, cancel, update continuing from the model, structures filled before
+left alone, the shared preview slot, the 3D preview, and the fill's folder after a crash.
 
 The Segment Editor's side (undo, "set" modification of a segment, the aligned source volume) is
 played by Slicer's own C++ ``vtkSlicerSegmentEditorLogic`` from slicer-core, the port (Slicer 5.10) of
@@ -23,7 +24,7 @@ import vtk  # noqa: E402
 from hsam.bundle import read_bundle_metadata  # noqa: E402
 from hsam.errors import HSAMError, InputError  # noqa: E402
 from hsam.io import read_labelmap  # noqa: E402
-from hsam.guidance.priors import SlicePrior  # noqa: E402
+from hsam.baselines import flow_propagation  # noqa: E402
 from HSAMLib import fill_logic, mrml  # noqa: E402
 from HSAMLib.fill_logic import FillOptions, HSAMFillLogic  # noqa: E402
 from HSAMLib.worker import JOB_FOLDER, WorkerJob, remove_orphaned_job_folders  # noqa: E402
@@ -244,7 +245,7 @@ def test_a_source_volume_on_another_grid_is_resampled_as_the_segment_editor_does
 # --- through the worker -------------------------------------------------------------------------
 
 
-def test_initialize_previews_the_interpolation_then_applies_as_one_undoable_step(scene, painted_scene):
+def test_initialize_previews_the_propagation_then_applies_as_one_undoable_step(scene, painted_scene):
     volume_node, segmentation, painting = painted_scene
     editor = SegmentEditor(scene, segmentation, volume_node)
     editor.node.SetOverwriteMode(editor.node.OverwriteNone)  # segments may overlap: the painted overlap stays
@@ -265,16 +266,15 @@ def test_initialize_previews_the_interpolation_then_applies_as_one_undoable_step
         assert first == [{"event": "preview", "final": False}]  # during training, before the first step
         assert logic.firstPreviewSeconds is not None and logic.hasPreview
         assert logic.previewNode.GetScene() is scene
-        prior = SlicePrior(painting, PAINTED, 2, "linear")
-        interpolation = np.stack([prior.logits(z).argmax(0) for z in range(SHAPE[0])])
-        np.testing.assert_array_equal(logic.previewLabels(), interpolation)  # the first preview: the prior
+        propagated = flow_propagation(mrml.volume_from_node(volume_node).array, painting, PAINTED, 0)
+        np.testing.assert_array_equal(logic.previewLabels(), propagated)  # the first preview: the propagation
 
         events = logic.wait(WAIT_LIMIT_SECONDS)
         assert logic.error is None, logic.error
         assert [e["event"] for e in events][-2:] == ["preview", "finished"] and logic.state == fill_logic.DONE
         preview = logic.previewLabels()
         np.testing.assert_array_equal(preview[PAINTED], painting[PAINTED])
-        assert read_bundle_metadata(logic.modelPath).guidance["prior"] == "linear"
+        assert read_bundle_metadata(logic.modelPath).guidance["prior"] == "flow"  # as the first preview
 
         states = editor.history.GetNumberOfStates()
         written = logic.apply(editor.saveStateForUndo, editor.modify)
@@ -423,7 +423,7 @@ def test_the_first_preview_comes_from_a_quick_worker_without_torch_then_training
 
         wait_for(logic, "preview")
         assert logic.state == fill_logic.TRAINING and first.state == "succeeded"
-        assert [a[0] for _, a in no_job_left_behind] == ["interpolate", "finetune"]
+        assert [a[0] for _, a in no_job_left_behind] == ["propagate", "finetune"]
         again, _ = read_labelmap(logic.folder / "again.seg.nrrd")
         np.testing.assert_array_equal(logic.previewLabels(), again)
         assert painted.slices == PAINTED

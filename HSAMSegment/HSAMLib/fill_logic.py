@@ -38,7 +38,7 @@ import vtk
 
 from hsam.errors import HSAMError, InputError
 from hsam.io import Segment, Volume, read_labelmap, write_segmentation, write_volume
-from hsam.presets import SLICE_AXES
+from hsam.presets import DEFAULT_PRIOR, SLICE_AXES
 
 from . import models, mrml
 from .training_logic import TINY_PRESET, base_model_arguments, move_into_folder
@@ -78,8 +78,8 @@ RUNNING_STATES = (PREVIEWING, TRAINING, STOPPING, SEGMENTING)
 
 def first_preview_arguments(volume: Path, annotations: Path, output: Path, axis: str) -> list:
     """The worker command that writes the first preview within seconds, without a model or torch: the
-    painted slices interpolated through the volume (the guided model's prior)."""
-    return ["interpolate", volume, annotations, "--axis", axis, "--output", output, "--overwrite", "--progress", "json"]
+    painted slices propagated through the volume along the optical flow (``hsam propagate``)."""
+    return ["propagate", volume, annotations, "--axis", axis, "--output", output, "--overwrite", "--progress", "json"]
 
 
 @dataclass
@@ -93,7 +93,7 @@ class FillOptions:
     timeBudgetSeconds: float = FAST_BUDGET_SECONDS
     epochs: Optional[int] = None
     device: str = "auto"
-    prior: str = "linear"
+    prior: str = DEFAULT_PRIOR  # the flow propagation, as the first preview
     imageSize: Optional[int] = None
     previewIntervalSeconds: float = PREVIEW_INTERVAL_SECONDS
 

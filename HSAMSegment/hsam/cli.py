@@ -512,23 +512,6 @@ class _PreviewWriter:
             self.bar.emit("preview", f"preview written: {self.path.name}", output=self.path)
 
 
-def _interpolate(args: argparse.Namespace) -> None:
-    from .guidance.interpolate import interpolate_annotations
-
-    output = Path(args.output)
-    _check_output(output, args.overwrite, (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES), "output")
-    for path, what in ((args.volume, "volume"), (args.annotations, "annotations")):
-        _check_input(path, what)
-    check_distinct([output], [args.volume, args.annotations])
-    with _progress(args, "interpolating", "interpolate") as bar:
-        count = interpolate_annotations(Path(args.volume), Path(args.annotations), output, args.axis, args.overwrite)
-    summary = f"{count} annotated {args.axis} slices interpolated"
-    if isinstance(bar, JsonProgress):
-        bar.result(summary, output=output)
-        return
-    print(summary, file=sys.stderr)
-
-
 def _evaluate(args: argparse.Namespace) -> None:
     from .cohort import cases_from_arguments
 
@@ -871,17 +854,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     progress_option(p)
     p.set_defaults(run=_finetune)
-
-    p = commands.add_parser(
-        "interpolate", description="Write the interpolation of the annotated slices of LABELS through VOLUME "
-        "(the guided prior, no model): the first preview of the Segment Editor's HSAM fill.")
-    p.add_argument("volume", help="image volume")
-    p.add_argument("annotations", metavar="LABELS", help="annotated slices (.seg.nrrd or labelmap on the volume's grid)")
-    p.add_argument("-o", "--output", required=True, help="output .seg.nrrd or labelmap")
-    p.add_argument("--axis", default="axial", choices=tuple(SLICE_AXES), help="slice axis (default: axial)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    progress_option(p)
-    p.set_defaults(run=_interpolate)
 
     p = commands.add_parser(
         "evaluate", help="Dice and HD95 of a segmentation against a reference",
