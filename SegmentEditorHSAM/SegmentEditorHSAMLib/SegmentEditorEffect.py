@@ -167,7 +167,9 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
 
     def onPreview(self):
         """Initialize (a new model) or Update (continue from the model), without waiting."""
-        if self.previewComputationInProgress:
+        import HSAMSegment
+
+        if self.previewComputationInProgress or not HSAMSegment.ensureDependencies():  # may ask to install
             return
         self.previewComputationInProgress = True
         try:
@@ -191,11 +193,8 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         return message is None
 
     def _startOrUpdate(self):
-        import HSAMSegment
         from HSAMLib.fill_logic import HSAMFillLogic
 
-        if not HSAMSegment.ensureDependencies():
-            return
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
         visible = vtk.vtkStringArray()
