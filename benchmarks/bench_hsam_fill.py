@@ -7,7 +7,8 @@ default options, polled every 200 ms as the effect's QTimer does.
 Structures are painted on every ``--every``-th labelled axial slice. ``HSAMFillLogic.start`` (the effect's
 Initialize) runs until its final preview. Recorded per dataset: seconds from Initialize to the first
 preview and its Dice, the Dice of the preview shown 60 s after Initialize and of the final one, and how
-long the main (GUI) thread is blocked: in Initialize, in Update (one more slice painted after training),
+long the main (GUI) thread is blocked (the Segment Editor's aligned source volume given, as the
+effect gives it): in Initialize, in Update (one more slice painted after training),
 and in the longest poll (loading a preview). Dice is the mean over the structures on the unpainted
 labelled slices. The CT is a folder with ``image.nii.gz``, ``labels.nii.gz`` and ``classes.json``
 (``{"classes": {name: label value}}``), e.g. 3D-IRCADb 1.01 converted so. The 1-minute load average is
@@ -88,12 +89,13 @@ def run(name: str, volume, labels, segments, every: int) -> dict:
     def score(prediction):
         return dice_mean(prediction, labels, evaluated, len(segments))
 
+    aligned = aligned_source_volume(scene, segmentation, volume_node)
     row = {"dataset": f"{name} {volume.array.shape[::-1]}", "painted slices": len(painted),
            "Fill between slices": score(fill_between_slices(painting, painted))}
     logic = HSAMFillLogic()
     try:
         started = time.perf_counter()
-        logic.start(volume_node, segmentation, options=FillOptions())
+        logic.start(volume_node, segmentation, options=FillOptions(), alignedSourceImage=aligned)
         row["Initialize blocks s"] = time.perf_counter() - started
         longest, snapshot = 0.0, None
         while logic.running:
@@ -115,11 +117,26 @@ def run(name: str, volume, labels, segments, every: int) -> dict:
         extra = int(painted[int(np.argmax(gaps))] + gaps.max() // 2)  # the middle of the largest gap
         paint(segmentation, labels, extra)
         updating = time.perf_counter()
-        logic.update(volume_node, segmentation, options=FillOptions())
+        logic.update(volume_node, segmentation, options=FillOptions(), alignedSourceImage=aligned)
         row["Update blocks s"] = time.perf_counter() - updating
     finally:
         logic.cleanup()
     return row
+
+
+def aligned_source_volume(scene, segmentationNode, volumeNode):
+    """The source volume on the segmentation's grid, as the Segment Editor holds it for its effects (made
+    when the source volume is selected, not by Initialize)."""
+    import slicer
+
+    editor = slicer.vtkSlicerSegmentEditorLogic()
+    editor.SetMRMLScene(scene)
+    editor.SetSegmentEditorNode(scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor.SetSegmentationNode(segmentationNode)
+    editor.SetSourceVolumeNode(volumeNode)
+    if not editor.UpdateAlignedSourceVolume():
+        raise SystemExit("the Segment Editor logic could not align the source volume")
+    return editor.GetAlignedSourceVolume()
 
 
 def paint(segmentationNode, labels: np.ndarray, index: int) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -37,7 +38,7 @@ import slicer
 import vtk
 
 from hsam.errors import HSAMError, InputError
-from hsam.io import Segment, Volume, read_labelmap, write_segmentation, write_volume
+from hsam.io import Segment, Volume, read_labelmap, write_raw_nrrd, write_segmentation
 from hsam.presets import DEFAULT_PRIOR, SLICE_AXES
 
 from . import models, mrml
@@ -121,7 +122,7 @@ class PaintedInput:
     box: tuple  # VTK extent (on ``geometry``'s grid) holding every painted voxel
     boxLabels: np.ndarray  # (z, y, x) labels within ``box``, uint8/uint16
     geometry: object = field(repr=False)  # vtkOrientedImageData: the grid and extent (no voxels needed)
-    volume: object = field(repr=False)  # hsam.io.Volume: the source volume on that grid
+    source: object = field(repr=False)  # vtkOrientedImageData: the source volume on that grid
 
     @property
     def engineAxis(self) -> str:
@@ -130,6 +131,11 @@ class PaintedInput:
     @property
     def names(self) -> list[str]:
         return [segment.name for segment in self.segments]
+
+    @property
+    def volume(self) -> Volume:
+        """The source volume on the grid (a copy of its voxels)."""
+        return mrml.volume_from_oriented_image(self.source)
 
     @property
     def labels(self) -> np.ndarray:
@@ -236,19 +242,23 @@ def crop_geometry(geometry, box: Sequence[int]):
     return cropped
 
 
-def segment_crop(segmentationNode, segmentID: str, geometry) -> tuple[np.ndarray, Optional[list[int]]]:
-    """A segment's voxels (bool, (z, y, x)) within the box of its labelmap's non-zero voxels on
-    ``geometry``'s grid, and that box (``None``, with an empty array, for an empty segment)."""
+def merged_crop(segmentationNode, segmentIDs: Sequence[str], geometry) -> tuple[np.ndarray, Optional[list[int]]]:
+    """The segments merged as the Segment Editor merges them (segment i: label i + 1, later over
+    earlier) within the box of their labelmaps' non-zero voxels on ``geometry``'s grid, and that box
+    (``None``, with an empty array, when nothing is painted)."""
     ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segmentID)
+    for segmentID in segmentIDs:
+        ids.InsertNextValue(segmentID)
     box = [0, -1, 0, -1, 0, -1]
     segmentationNode.GetSegmentation().DetermineCommonLabelmapExtent(box, geometry, ids, True)
     own = geometry.GetExtent()
     box = [max(box[i], own[i]) if i % 2 == 0 else min(box[i], own[i]) for i in range(6)]
     if min(mrml.extent_shape(box)) == 0:
-        return np.zeros((0, 0, 0), dtype=bool), None
-    mask = segment_mask(segmentationNode, segmentID, crop_geometry(geometry, box))
-    return mask, box if mask.any() else None
+        return np.zeros((0, 0, 0), dtype=np.uint8), None
+    merged = slicer.vtkOrientedImageData()
+    segmentationNode.GenerateMergedLabelmapForAllSegments(
+        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, crop_geometry(geometry, box), ids)
+    return mrml.oriented_image_array(merged, box), box
 
 
 # --- which slices are painted ---------------------------------------------------------------------
@@ -266,18 +276,19 @@ def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _occupied(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Indices of the slices along ``axis`` that hold a voxel of ``mask``."""
     return np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
 
 
-def slice_wise_axes(mask: np.ndarray) -> list[int]:
-    """The array axes along which the voxels of ``mask`` lie in slices: each run of adjacent painted
-    slices is thin (``MAX_SLICE_THICKNESS``) or thin against the painting's width in it
-    (``THICKNESS_RATIO``). One axis for a painting on parallel slices, none for strokes in two views,
-    a 3D brush or a structure filled in 3D."""
+def slice_wise_axes(mask: np.ndarray, occupied: Sequence[np.ndarray]) -> list[int]:
+    """The array axes along which the voxels of ``mask`` lie in slices (``occupied``: its slices along
+    each axis): each run of adjacent painted slices is thin (``MAX_SLICE_THICKNESS``) or thin against
+    the painting's width in it (``THICKNESS_RATIO``). One axis for a painting on parallel slices, none
+    for strokes in two views, a 3D brush or a structure filled in 3D."""
     axes = []
     for axis in range(3):
         thin = True
-        for first, last in _runs(_occupied(mask, axis).tolist()):
+        for first, last in _runs(occupied[axis].tolist()):
             thickness = last - first + 1
             if thickness <= MAX_SLICE_THICKNESS:
                 continue
@@ -393,10 +404,10 @@ def remove_node(node) -> None:
             scene.RemoveNode(displayNode)
 
 
-def same_volume(a: Optional[Volume], b: Volume) -> bool:
-    return (a is not None and a.array.dtype == b.array.dtype and np.array_equal(a.array, b.array)
-            and np.allclose(a.spacing, b.spacing) and np.allclose(a.origin, b.origin)
-            and np.allclose(a.direction, b.direction))
+def volume_key(volume: Volume) -> tuple:
+    """What tells two volumes apart: grid, voxel type and a checksum of the voxels (no copy)."""
+    array = np.ascontiguousarray(volume.array)
+    return array.dtype.str, array.shape, volume.spacing, volume.origin, volume.direction, zlib.crc32(array)
 
 
 # --- the logic --------------------------------------------------------------------------------------
@@ -425,7 +436,7 @@ class HSAMFillLogic:
         self.firstPreviewSeconds: Optional[float] = None  # from start() to the first preview in the scene
         self._pending: Optional[tuple[PaintedInput, FillOptions]] = None  # an update waiting for the model
         self._options = FillOptions()
-        self._writtenVolume: Optional[Volume] = None  # what VOLUME_FILE holds
+        self._writtenVolume: Optional[tuple] = None  # volume_key of what VOLUME_FILE holds
         self._trained = False  # the running training has taken a step
         self._round = 0
         self._finetuneRound = 0
@@ -453,13 +464,16 @@ class HSAMFillLogic:
             geometry = slicer.vtkOrientedImageData()
             geometry.ShallowCopy(aligned)  # the Segment Editor's aligned volume defines the grid
 
-        crops = {s: segment_crop(segmentationNode, s, geometry) for s in segmentIDs}
+        merged, box = merged_crop(segmentationNode, segmentIDs, geometry)
+        masks = {s: merged == value for value, s in enumerate(segmentIDs, start=1)}
+        occupied = {s: [_occupied(masks[s], a) for a in range(3)] for s in segmentIDs}
         name = {s: segmentation.GetSegment(s).GetName() for s in segmentIDs}
-        painted = [s for s in segmentIDs if crops[s][1] is not None]
+        painted = [s for s in segmentIDs if occupied[s][0].size]
         if not painted:
             raise InputError("nothing is painted in the visible segments: paint a few slices of each structure")
-        sliceWise = {s: slice_wise_axes(crops[s][0]) for s in painted}
-        paintedSlices = {s: {a: self._slicesOnGrid(crops[s], a, geometry) for a in sliceWise[s]} for s in painted}
+        offset = [box[2 * (2 - a)] - geometry.GetExtent()[2 * (2 - a)] for a in range(3)]  # box in the grid
+        sliceWise = {s: slice_wise_axes(masks[s], occupied[s]) for s in painted}
+        paintedSlices = {s: {a: (occupied[s][a] + offset[a]).tolist() for a in sliceWise[s]} for s in painted}
         chosen = choose_axis(sliceWise, paintedSlices, geometry, axis)
         used = [s for s in painted if chosen in sliceWise[s]]
         repeated = sorted({name[s] for s in used if [name[u] for u in used].count(name[s]) > 1})
@@ -470,13 +484,14 @@ class HSAMFillLogic:
         if len(slices) < MIN_PAINTED_SLICES:
             raise InputError(f"HSAM fill needs at least {MIN_PAINTED_SLICES} painted {anatomical} slices; "
                              f"only slice {slices[0]} is painted")
-        box, boxLabels = self._boxLabels([crops[s] for s in used])
+        usedBox, boxLabels = self._boxLabels(merged, box, [segmentIDs.index(s) + 1 for s in used],
+                                             [occupied[s] for s in used])
         segments = [Segment(name[s], value, tuple(float(c) for c in segmentation.GetSegment(s).GetColor()))
                     for value, s in enumerate(used, start=1)]
         return PaintedInput(
             used, segments, [name[s] for s in segmentIDs if s not in painted],
-            [name[s] for s in painted if s not in used], chosen, anatomical, slices, box, boxLabels,
-            geometry, mrml.volume_from_oriented_image(aligned),
+            [name[s] for s in painted if s not in used], chosen, anatomical, slices, usedBox, boxLabels,
+            geometry, aligned,
         )
 
     @staticmethod
@@ -490,21 +505,16 @@ class HSAMFillLogic:
         return [ids.GetValue(i) for i in range(ids.GetNumberOfValues())]
 
     @staticmethod
-    def _slicesOnGrid(crop: tuple, axis: int, geometry) -> list[int]:
-        """Painted slices of a segment's crop along ``axis``, as indices of the whole grid."""
-        mask, box = crop
-        offset = box[2 * (2 - axis)] - geometry.GetExtent()[2 * (2 - axis)]
-        return (_occupied(mask, axis) + offset).tolist()
-
-    @staticmethod
-    def _boxLabels(crops: list[tuple]) -> tuple[tuple, np.ndarray]:
-        """The box holding every crop, and the labels in it (segment i: i + 1; later ones over earlier)."""
-        boxes = [box for _, box in crops]
-        box = tuple(min(b[i] for b in boxes) if i % 2 == 0 else max(b[i] for b in boxes) for i in range(6))
-        labels = np.zeros(mrml.extent_shape(box), dtype=np.uint8 if len(crops) < 255 else np.uint16)
-        for value, (mask, own) in enumerate(crops, start=1):
-            labels[box_index(own, box)][mask] = value
-        return box, labels
+    def _boxLabels(merged: np.ndarray, box: Sequence[int], values: list[int], occupied: list[list[np.ndarray]]):
+        """The box (VTK extent) holding the merged labels ``values`` (whose slices along each array axis are
+        ``occupied``), and the labels in it renumbered 1, 2, … in that order, the others cleared."""
+        first = [min(int(o[a][0]) for o in occupied) for a in range(3)]
+        last = [max(int(o[a][-1]) for o in occupied) for a in range(3)]
+        index = tuple(slice(first[a], last[a] + 1) for a in range(3))
+        lookup = np.zeros(int(merged.max()) + 1, dtype=np.uint8 if len(values) < 255 else np.uint16)
+        lookup[values] = np.arange(1, len(values) + 1)
+        usedBox = tuple(box[2 * i] + first[2 - i] if j == 0 else box[2 * i] + last[2 - i] for i in range(3) for j in (0, 1))
+        return usedBox, lookup[merged[index]]
 
     # --- starting -------------------------------------------------------------------------------
 
@@ -568,19 +578,21 @@ class HSAMFillLogic:
                 and (self.modelPath is not None or self.state in (TRAINING, STOPPING)))
 
     def _writeInputs(self, painted: PaintedInput) -> Path:
-        """The volume (uncompressed, only when it changed) and the painted labels (a crop of its grid)
-        into the fill's folder; returns the labels' file."""
+        """The volume (uncompressed, only when it changed) and the painted labels (uncompressed, a crop of
+        its grid) into the fill's folder; returns the labels' file."""
         if self.folder is None:
             self.folder = make_job_folder(FOLDER_NAME)
-        if not same_volume(self._writtenVolume, painted.volume):
+        volume = mrml.volume_view(painted.source)
+        key = volume_key(volume)
+        if key != self._writtenVolume:
             self._writtenVolume = None
-            write_volume(self.folder / VOLUME_FILE, painted.volume, overwrite=True, compress=False)
-            self._writtenVolume = painted.volume
+            write_raw_nrrd(self.folder / VOLUME_FILE, volume, overwrite=True)
+            self._writtenVolume = key
         self._round += 1
         annotations = self.folder / ANNOTATIONS_FILE.format(self._round)
         image = mrml.oriented_image_from_array(painted.boxLabels, crop_geometry(painted.geometry, painted.box))
-        write_segmentation(annotations, painted.boxLabels, mrml.volume_from_oriented_image(image), painted.segments,
-                           overwrite=True)
+        write_segmentation(annotations, painted.boxLabels, mrml.volume_view(image), painted.segments,
+                           overwrite=True, compress=False)
         return annotations
 
     def _startJob(self, state: str, arguments: list) -> None:
