@@ -31,7 +31,7 @@ TORCHVISION_REQUIREMENT = Requirement("torchvision>=0.18")
 # Ship with Slicer; HSAM never installs or replaces them.
 BUNDLED_WITH_SLICER = (Requirement("SimpleITK"), Requirement("numpy"))
 # Import names that differ from the distribution name.
-IMPORT_NAMES = {"segment-anything": "segment_anything", "SimpleITK": "SimpleITK"}
+IMPORT_NAMES = {"segment-anything": "segment_anything", "SimpleITK": "SimpleITK", "opencv-python-headless": "cv2"}
 
 
 def import_name(requirement: Requirement) -> str:
