@@ -66,14 +66,15 @@ def test_demo_writes_every_file(tmp_path):
 
     with open(result.files["scores"]) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and {r["class"] for r in rows} == {"Grey matter", "White matter"}
-    assert {r["method"] for r in rows} == {"H-SAM tiny guided", "H-SAM tiny prompt-free", "nearest-slice copy",
-                                           "Fill between slices"}
+    assert len(rows) == 10 and {r["class"] for r in rows} == {"Grey matter", "White matter"}
+    assert {r["method"] for r in rows} == {"H-SAM tiny guided", "H-SAM tiny prompt-free", "flow propagation",
+                                           "nearest-slice copy", "Fill between slices"}
     assert all(0 <= float(r["dice"]) <= 1 for r in rows)
     dice = {(r["class"], r["method"]): float(r["dice"]) for r in rows}
     for name in ("Grey matter", "White matter"):  # both baselines near 0.8, not the same segmentation
         assert 0.7 < dice[name, "Fill between slices"] < 0.9
         assert dice[name, "Fill between slices"] != dice[name, "nearest-slice copy"]
+        assert dice[name, "flow propagation"] > dice[name, "nearest-slice copy"] + 0.05  # flow: ~0.91 on MNI
     assert len(result.annotated_slices) == 15 and len(result.evaluated_slices) == 152 - 15
 
     width, height = read_png_size(result.files["overlay"])

@@ -246,6 +246,8 @@ def test_cli_segments_guided_and_prompt_free(phantom, guided_bundle, tmp_path):
     assert free.returncode == 0 and "prompt-free" in free.stderr
     info = _hsam("info", str(path))
     assert "guided (prior: linear" in info.stdout
+    choice = load_bundle(path)[1].guidance["choice"]
+    assert f"ellipsoid                {'#e64d33'}  keeps {choice[0]} (Dice on 1 held-out slices" in info.stdout
 
 
 def test_cli_refuses_bad_annotations_in_one_line(phantom, guided_bundle, tmp_path):

@@ -496,7 +496,7 @@ def test_requirements_file_reads_like_slicer_packaging_and_is_installed_here():
     lines = [line.strip() for line in dependencies.REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()]
     specs = [line for line in lines if line and not line.startswith(("#", "-"))]
     assert [Requirement(line) for line in specs] == dependencies.read_requirements()  # no inline comments
-    assert {dependencies.import_name(r) for r in dependencies.read_requirements()} == {"segment_anything", "safetensors", "cv2"}
+    assert {dependencies.import_name(r) for r in dependencies.read_requirements()} == {"segment_anything", "safetensors"}
     assert dependencies.install_plan().empty
 
 

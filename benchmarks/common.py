@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, peak memory, tables, docs/performance.md."""
 
 import json
+import os
 import platform
 import re
 import resource
@@ -84,3 +85,24 @@ def update_docs(section: str, command: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOCS.write_text(text, encoding="utf-8")
+
+
+class OtherLoad:
+    """The CPU time every other process used since this object was made, in cores on average: the
+    machine's busy time (/proc/stat) less this process's and its children's (``os.times``). Unlike the
+    load average, it leaves out the benchmark's own threads."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        busy = sum(fields[:3]) + sum(fields[5:8])  # user, nice, system, irq, softirq, steal (guests are in user)
+        own = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
+
+    def cores(self) -> float:
+        (then, busy_then, own_then), (now, busy, own) = self.start, self._sample()
+        return max(0.0, ((busy - busy_then) - (own - own_then)) / max(now - then, 1e-6))

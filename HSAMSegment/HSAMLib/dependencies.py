@@ -32,6 +32,8 @@ TORCHVISION_REQUIREMENT = Requirement("torchvision>=0.18")
 BUNDLED_WITH_SLICER = (Requirement("SimpleITK"), Requirement("numpy"))
 # Import names that differ from the distribution name.
 IMPORT_NAMES = {"segment-anything": "segment_anything", "SimpleITK": "SimpleITK", "opencv-python-headless": "cv2"}
+# Other distributions of the same module: any of them satisfies the requirement (two would collide).
+ALTERNATIVES = {"opencv-python-headless": ("opencv-python", "opencv-contrib-python", "opencv-contrib-python-headless")}
 
 
 def import_name(requirement: Requirement) -> str:
@@ -52,8 +54,12 @@ def installed_version(distribution: str) -> Optional[str]:
 
 
 def is_satisfied(requirement: Requirement) -> bool:
-    version = installed_version(requirement.name)
-    return version is not None and requirement.specifier.contains(version, prereleases=True)
+    """True when the distribution, or one of its ``ALTERNATIVES``, is installed in a fitting version."""
+    for name in (requirement.name, *ALTERNATIVES.get(requirement.name, ())):
+        version = installed_version(name)
+        if version is not None and requirement.specifier.contains(version, prereleases=True):
+            return True
+    return False
 
 
 def is_installed(module: str) -> bool:

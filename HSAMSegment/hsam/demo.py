@@ -159,11 +159,12 @@ def _readme(result: DemoResult, model_name: str) -> str:
         f"{len(result.annotated_slices)} axial slices (every {ANNOTATE_EVERY}th labelled slice: "
         f"{', '.join(map(str, result.annotated_slices))}) were used as annotations to fine-tune H-SAM "
         f"({model_name}) in guided mode; the whole volume was then segmented twice: guided (the model "
-        "corrects the interpolation of the annotated slices, which it keeps as drawn) and prompt-free "
-        "(as the paper's H-SAM, from the image alone). Scores on the "
-        f"{len(result.evaluated_slices)} unannotated labelled slices, beside what 3D Slicer gives from the same "
-        "annotations: copying the nearest annotated slice, and the Segment Editor's Fill between slices "
-        f"(morphological contour interpolation):\n\n{result.table()}\n\n"
+        "corrects the flow propagation of the annotated slices, which it keeps as drawn, and each class is "
+        "taken from the output that scored best on held-out annotated slices: the propagation, the guided or "
+        "the prompt-free model) and prompt-free (as the paper's H-SAM, from the image alone). Scores on the "
+        f"{len(result.evaluated_slices)} unannotated labelled slices, beside what the same annotations give "
+        "without a model: flow propagation (hsam propagate), copying the nearest annotated slice, and the "
+        f"Segment Editor's Fill between slices (morphological contour interpolation):\n\n{result.table()}\n\n"
         "Files: mni152_t1.nrrd (image), labels.nrrd (reference labels), segmentation.seg.nrrd (H-SAM guided, "
         "open it in 3D Slicer over the image), overlay.png (rows: reference, guided, prompt-free), dice.csv, "
         "demo.hsam (the fine-tuned model: hsam segment IMAGE -m demo.hsam -o OUT.seg.nrrd "
@@ -191,7 +192,7 @@ def run_demo(
     ViT-B is fine-tuned. ``cmattn``: "reference" or "paper" (see docs/model.md); ``seed`` makes the
     run repeatable. ``progress(fraction, message)``; ``cancel`` stops it before anything is written.
     """
-    from .baselines import fill_between_slices, nearest_slice_copy
+    from .baselines import fill_between_slices, flow_propagation, nearest_slice_copy
     from .bundle import save_bundle
     from .inference import segment_volume, select_device
     from .io import Segment, Volume, read_volume, write_labelmap, write_segmentation, write_volume
@@ -211,8 +212,9 @@ def run_demo(
     annotated = labelled[annotate_every // 2 :: annotate_every]
     evaluated = [z for z in labelled if z not in annotated]
 
-    report(0.01, "baselines: nearest-slice copy and Fill between slices")
+    report(0.01, "baselines: flow propagation, nearest-slice copy and Fill between slices")
     baselines = {
+        "flow propagation": flow_propagation(volume.array, labels, annotated),
         "nearest-slice copy": nearest_slice_copy(labels, annotated),
         "Fill between slices": fill_between_slices(labels, annotated),
     }

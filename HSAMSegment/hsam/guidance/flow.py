@@ -73,15 +73,30 @@ def flow_images(slices: np.ndarray, modality: str) -> np.ndarray:
     return out
 
 
+FlowEstimator = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def dis_flow(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(H, W, 2) float32 offsets from each pixel of the uint8 slice ``source`` to its match in
+    ``target``: OpenCV's DIS with this module's settings, on one thread."""
+    cv2 = _cv2()
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    dis.setFinestScale(FINEST_SCALE)
+    dis.setPatchStride(PATCH_STRIDE)
+    dis.setVariationalRefinementIterations(VARIATIONAL_REFINEMENT_ITERATIONS)
+    return dis.calc(source, target, None)
+
+
 class SliceFlows:
     """Dense optical flow between neighbouring slices of (n, H, W) uint8 ``images``, computed on
-    first use and kept. ``toward(s, t)`` for |s − t| = 1: (H, W, 2) float32, for each pixel p of
-    slice ``s`` the offset to its match in slice ``t``."""
+    first use by ``estimator`` and kept. ``toward(s, t)`` for |s − t| = 1: (H, W, 2) float32, for
+    each pixel p of slice ``s`` the offset to its match in slice ``t``."""
 
-    def __init__(self, images: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, estimator: FlowEstimator = dis_flow) -> None:
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected (n, H, W) uint8 slices, got {images.dtype} {images.shape}")
         self.images = images
+        self.estimator = estimator
         self._flows: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -109,31 +124,26 @@ class SliceFlows:
             cv2.setNumThreads(threads)
 
     def _compute(self, pair: tuple[int, int]) -> np.ndarray:
-        cv2 = _cv2()
-        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        dis.setFinestScale(FINEST_SCALE)
-        dis.setPatchStride(PATCH_STRIDE)
-        dis.setVariationalRefinementIterations(VARIATIONAL_REFINEMENT_ITERATIONS)
-        return dis.calc(self.images[pair[0]], self.images[pair[1]], None).astype(np.float16)
+        return self.estimator(self.images[pair[0]], self.images[pair[1]]).astype(np.float16)
 
 
-_CACHE: OrderedDict[str, SliceFlows] = OrderedDict()
+_CACHE: OrderedDict[tuple, SliceFlows] = OrderedDict()
 
 
-def volume_flows(images: np.ndarray) -> SliceFlows:
+def volume_flows(images: np.ndarray, estimator: FlowEstimator = dis_flow) -> SliceFlows:
     """The ``SliceFlows`` of (n, H, W) uint8 ``images``, shared by every caller in this process that
-    asks for the same images (the last ``CACHED_VOLUMES`` are kept)."""
+    asks for the same images and estimator (the last ``CACHED_VOLUMES`` are kept)."""
     images = np.ascontiguousarray(images)
-    key = hashlib.blake2b(images.tobytes(), digest_size=16)
-    key.update(repr(images.shape).encode())
-    digest = key.hexdigest()
-    if digest in _CACHE:
-        _CACHE.move_to_end(digest)
+    digest = hashlib.blake2b(images.tobytes(), digest_size=16)
+    digest.update(repr(images.shape).encode())
+    key = (digest.hexdigest(), estimator)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
     else:
-        _CACHE[digest] = SliceFlows(images)
+        _CACHE[key] = SliceFlows(images, estimator)
         while len(_CACHE) > CACHED_VOLUMES:
             _CACHE.popitem(last=False)
-    return _CACHE[digest]
+    return _CACHE[key]
 
 
 def region_of_interest(class_labels: np.ndarray, annotated: Sequence[int]) -> tuple[slice, slice]:
@@ -161,9 +171,11 @@ class FlowPropagation:
 
     ``images``: (n, H, W) uint8 slices (``flow_images``); ``class_labels``: (n, H, W) class indices
     (0 = background) on the same grid, drawn on the slices ``annotated``. Labels are carried within
-    the ``region_of_interest`` of the annotated slices; outside it every slice is background."""
+    the ``region_of_interest`` of the annotated slices; outside it every slice is background.
+    ``estimator``: the optical flow between two slices (default: ``dis_flow``)."""
 
-    def __init__(self, images: np.ndarray, class_labels: np.ndarray, annotated: Sequence[int], num_classes: int):
+    def __init__(self, images: np.ndarray, class_labels: np.ndarray, annotated: Sequence[int], num_classes: int,
+                 estimator: FlowEstimator = dis_flow):
         if images.shape != class_labels.shape:
             raise InputError(f"the image slices {images.shape} do not match the labels {class_labels.shape}")
         self.annotated = sorted({int(i) for i in annotated})
@@ -173,7 +185,7 @@ class FlowPropagation:
         self.num_classes = num_classes
         self.roi = (slice(None), *region_of_interest(class_labels, self.annotated))
         self.labels = class_labels[self.roi]
-        self.flows = volume_flows(images[self.roi])
+        self.flows = volume_flows(images[self.roi], estimator)
         cv2 = _cv2()
         self._remap = lambda image, maps: cv2.remap(image, maps, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         h, w = self.labels.shape[1:]
