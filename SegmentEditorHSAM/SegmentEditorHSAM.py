@@ -50,8 +50,8 @@ class SegmentEditorHSAM(ScriptedLoadableModule):
 
 
 class SegmentEditorHSAMTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: the effect is registered and shows its options. The logic's tests run outside Slicer
-    (Testing/test_hsam_fill.py)."""
+    """Inside Slicer: the effect is registered, activates on a segmentation with a source volume and
+    starts with auto-update off. The logic's tests run outside Slicer (Testing/test_hsam_fill.py)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
@@ -61,12 +61,30 @@ class SegmentEditorHSAMTest(ScriptedLoadableModuleTest):
         self.test_effect_is_registered()
 
     def test_effect_is_registered(self):
+        import vtk
+
+        volumeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "HSAM fill test volume")
+        imageData = vtk.vtkImageData()
+        imageData.SetDimensions(16, 16, 8)
+        imageData.AllocateScalars(vtk.VTK_SHORT, 1)
+        volumeNode.SetAndObserveImageData(imageData)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.GetSegmentation().AddEmptySegment("structure")
+
+        # An effect activates only with a segmentation (5.10.0 dereferences a missing one)
         segmentEditorWidget = slicer.qMRMLSegmentEditorWidget()
         segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         segmentEditorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
         segmentEditorWidget.setMRMLSegmentEditorNode(segmentEditorNode)
+        segmentEditorWidget.setSegmentationNode(segmentationNode)
+        segmentEditorWidget.setSourceVolumeNode(volumeNode)
         segmentEditorWidget.setActiveEffectByName("HSAM fill")
         effect = segmentEditorWidget.activeEffect()
         self.assertIsNotNone(effect)
         self.assertEqual(effect.name, "HSAM fill")
+        self.assertEqual(effect.parameter("AutoUpdate"), "0")
+        self.assertFalse(effect.self().autoUpdateCheckBox.checked)
+        segmentEditorWidget.setActiveEffect(None)
         self.delayDisplay("HSAM fill effect registered")

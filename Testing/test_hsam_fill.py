@@ -1,15 +1,19 @@
 """HSAM fill (the Segment Editor effect's logic, ``HSAMLib.fill_logic``) on real MRML (slicer-core) with
 real ``hsam`` worker processes: painted input checks, resampling like the Segment Editor, the first
-preview being the interpolation, an undoable apply that keeps the painted slices, cancel, and update
-continuing from the model.
+preview being the flow propagation (a quick torch-free worker), an undoable apply that keeps the
+slices painted at that moment, cancel, update continuing from the model, structures filled before
+left alone, the shared preview slot, the 3D preview, and the fill's folder after a crash.
 
 The Segment Editor's side (undo, "set" modification of a segment, the aligned source volume) is
 played by Slicer's own C++ ``vtkSlicerSegmentEditorLogic`` from slicer-core, the port (Slicer 5.10) of
 what ``qMRMLSegmentEditorWidget`` and ``qSlicerSegmentEditorAbstractEffect`` do in Slicer 5.8."""
 
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +22,12 @@ slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
 
 from hsam.bundle import read_bundle_metadata  # noqa: E402
-from hsam.errors import InputError  # noqa: E402
-from hsam.guidance.priors import SlicePrior  # noqa: E402
+from hsam.errors import HSAMError, InputError  # noqa: E402
+from hsam.io import read_labelmap  # noqa: E402
+from hsam.baselines import flow_propagation  # noqa: E402
 from HSAMLib import fill_logic, mrml  # noqa: E402
 from HSAMLib.fill_logic import FillOptions, HSAMFillLogic  # noqa: E402
-from HSAMLib.worker import WorkerJob  # noqa: E402
+from HSAMLib.worker import JOB_FOLDER, WorkerJob, remove_orphaned_job_folders  # noqa: E402
 from phantom import phantom_volume  # noqa: E402
 
 SHAPE = (24, 40, 40)
@@ -113,6 +118,10 @@ def masks_of(segmentation, geometry) -> dict:
             for name, segment_id in segment_ids(segmentation).items()}
 
 
+def paint_slice(editor: "SegmentEditor", segmentID: str, index: int, mask: np.ndarray) -> None:
+    editor.paint(segmentID, np.where(np.arange(SHAPE[0])[:, None, None] == index, mask, False))
+
+
 def wait_for(logic: HSAMFillLogic, event: str) -> list:
     events = logic.wait(WAIT_LIMIT_SECONDS, until=lambda batch: any(e["event"] in (event, "failed") for e in batch))
     assert logic.error is None, logic.error
@@ -164,6 +173,21 @@ def test_mixed_input_gets_one_line_messages(scene, phantom):
         logic.paintedInput(volume_node, segmentation_with(coronal), axis="axial")
     painted = logic.paintedInput(volume_node, segmentation_with(coronal))
     assert painted.anatomicalAxis == "coronal" and painted.engineAxis == "coronal" and painted.slices == [12, 20, 28]
+
+
+def test_segments_not_painted_slice_by_slice_are_left_alone_and_named(scene, phantom):
+    """A structure filled in 3D before (or thresholded, imported) stays visible and is left alone."""
+    volume, labels, segments = phantom
+    volume_node = mrml.node_from_volume(volume, scene, "CT")
+    painting = np.where(labels == 1, 1, 0)  # the ellipsoid: filled in 3D
+    sphere = [9, 12, 15]
+    painting[sphere] = np.where(labels[sphere] == 2, 2, painting[sphere])  # the sphere: painted slices
+    segmentation = mrml.labels_to_segmentation(painting, segments, volume_node)
+    painted = HSAMFillLogic().paintedInput(volume_node, segmentation)
+    assert painted.names == ["sphere"] and painted.notSliceWise == ["ellipsoid"] and painted.leftAlone == ["box"]
+    assert painted.slices == sphere and (painted.labels == np.where(painting == 2, 1, 0)).all()
+    assert painted.summary().endswith("; left alone (nothing painted): box; left alone (not painted in axial slices): "
+                                      "ellipsoid")
 
 
 def test_slices_follow_the_anatomy_of_the_grid(scene, phantom):
@@ -221,7 +245,7 @@ def test_a_source_volume_on_another_grid_is_resampled_as_the_segment_editor_does
 # --- through the worker -------------------------------------------------------------------------
 
 
-def test_initialize_previews_the_interpolation_then_applies_as_one_undoable_step(scene, painted_scene):
+def test_initialize_previews_the_propagation_then_applies_as_one_undoable_step(scene, painted_scene):
     volume_node, segmentation, painting = painted_scene
     editor = SegmentEditor(scene, segmentation, volume_node)
     editor.node.SetOverwriteMode(editor.node.OverwriteNone)  # segments may overlap: the painted overlap stays
@@ -242,16 +266,15 @@ def test_initialize_previews_the_interpolation_then_applies_as_one_undoable_step
         assert first == [{"event": "preview", "final": False}]  # during training, before the first step
         assert logic.firstPreviewSeconds is not None and logic.hasPreview
         assert logic.previewNode.GetScene() is scene
-        prior = SlicePrior(painting, PAINTED, 2, "linear")
-        interpolation = np.stack([prior.logits(z).argmax(0) for z in range(SHAPE[0])])
-        np.testing.assert_array_equal(logic.previewLabels(), interpolation)  # the first preview: the prior
+        propagated = flow_propagation(mrml.volume_from_node(volume_node).array, painting, PAINTED, 0)
+        np.testing.assert_array_equal(logic.previewLabels(), propagated)  # the first preview: the propagation
 
         events = logic.wait(WAIT_LIMIT_SECONDS)
         assert logic.error is None, logic.error
         assert [e["event"] for e in events][-2:] == ["preview", "finished"] and logic.state == fill_logic.DONE
         preview = logic.previewLabels()
         np.testing.assert_array_equal(preview[PAINTED], painting[PAINTED])
-        assert read_bundle_metadata(logic.modelPath).guidance["prior"] == "linear"
+        assert read_bundle_metadata(logic.modelPath).guidance["prior"] == "flow"  # as the first preview
 
         states = editor.history.GetNumberOfStates()
         written = logic.apply(editor.saveStateForUndo, editor.modify)
@@ -334,5 +357,166 @@ def test_update_continues_from_the_model_also_while_training(scene, painted_scen
         assert saved == tmp_path / "my_fill.hsam"
         metadata = read_bundle_metadata(saved)
         assert metadata.class_names == ["ellipsoid", "sphere"] and metadata.guided
+    finally:
+        logic.cleanup()
+
+
+def test_apply_keeps_the_painting_of_the_moment_refuses_another_segmentation_and_paint_b_after_a(
+        scene, painted_scene, phantom):
+    """Strokes and erasing after Initialize are kept on their slices; Apply into the segmentation the user
+    switched to is refused; a structure applied before is left alone by the next Initialize."""
+    volume_node, segmentation, _ = painted_scene
+    _, labels, segments = phantom
+    editor = SegmentEditor(scene, segmentation, volume_node)
+    ids = segment_ids(segmentation)
+    geometry = fill_logic.reference_geometry(segmentation)
+    logic = HSAMFillLogic()
+    try:
+        logic.start(volume_node, segmentation, options=FillOptions(**QUICK))
+        wait_for(logic, "preview")
+        paint_slice(editor, ids["ellipsoid"], 8, labels == 1)  # a new slice
+        erased = np.zeros(SHAPE, dtype=bool)
+        erased[11, :, :20] = True
+        editor.logic.ModifySegmentByLabelmap(segmentation, ids["ellipsoid"], mrml.oriented_image_from_array(
+            erased.astype(np.uint8), geometry), editor.logic.ModificationModeRemove, False, False)
+        now = masks_of(segmentation, geometry)
+
+        other = mrml.labels_to_segmentation(np.zeros_like(labels), segments[:1], volume_node, name="Other")
+        with pytest.raises(InputError, match="^the preview belongs to segmentation 'Segmentation': select it"):
+            logic.apply(editor.saveStateForUndo, editor.modify, other)
+        assert logic.hasPreview and masks_of(segmentation, geometry)["ellipsoid"].sum() == now["ellipsoid"].sum()
+
+        preview = logic.previewLabels()
+        logic.apply(editor.saveStateForUndo, editor.modify, segmentation)
+        after = masks_of(segmentation, geometry)
+        kept = sorted([*PAINTED, 8])
+        for value, name in ((1, "ellipsoid"), (2, "sphere")):
+            np.testing.assert_array_equal(after[name][kept], now[name][kept])
+            others = [z for z in range(SHAPE[0]) if z not in kept]
+            np.testing.assert_array_equal(after[name][others], preview[others] == value)
+
+        for z in (4, 16):  # then paint the box, and Initialize again with everything visible
+            paint_slice(editor, ids["box"], z, labels == 3)
+        painted = logic.start(volume_node, segmentation, options=FillOptions(**QUICK))
+        assert painted.names == ["box"] and painted.notSliceWise == ["ellipsoid", "sphere"]
+        wait_for(logic, "preview")
+    finally:
+        logic.cleanup()
+
+
+def test_the_first_preview_comes_from_a_quick_worker_without_torch_then_training_starts(
+        scene, painted_scene, no_job_left_behind):
+    volume_node, segmentation, _ = painted_scene
+    logic = HSAMFillLogic()
+    try:
+        painted = logic.start(volume_node, segmentation, options=FillOptions(**QUICK))
+        assert logic.running and logic.state == fill_logic.PREVIEWING  # Cancel has something to stop at once
+        (first, arguments), = no_job_left_behind
+        assert arguments == [str(a) for a in fill_logic.first_preview_arguments(
+            logic.folder / fill_logic.VOLUME_FILE, logic.folder / fill_logic.ANNOTATIONS_FILE.format(1),
+            logic.folder / fill_logic.FIRST_PREVIEW_FILE, "axial")]
+        code = ("import sys\nfrom hsam.cli import main\n"
+                f"main({arguments + ['--output', str(logic.folder / 'again.seg.nrrd')]!r})\n"
+                "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n")
+        torch_free = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=120)
+        assert torch_free.returncode == 0 and torch_free.stdout.strip().endswith("[]"), torch_free.stderr
+
+        wait_for(logic, "preview")
+        assert logic.state == fill_logic.TRAINING and first.state == "succeeded"
+        assert [a[0] for _, a in no_job_left_behind] == ["propagate", "finetune"]
+        again, _ = read_labelmap(logic.folder / "again.seg.nrrd")
+        np.testing.assert_array_equal(logic.previewLabels(), again)
+        assert painted.slices == PAINTED
+
+        started = time.monotonic()
+        logic.cancel()
+        assert time.monotonic() - started < CANCEL_LIMIT_SECONDS and not logic.running and not logic.hasPreview
+    finally:
+        logic.cleanup()
+
+
+def test_update_writes_the_volume_once_uncompressed_and_the_painting_as_a_crop(scene, painted_scene, phantom):
+    volume_node, segmentation, _ = painted_scene
+    _, labels, _ = phantom
+    editor = SegmentEditor(scene, segmentation, volume_node)
+    logic = HSAMFillLogic()
+    try:
+        logic.start(volume_node, segmentation, options=FillOptions(**QUICK))
+        volume_file = logic.folder / fill_logic.VOLUME_FILE
+        written = volume_file.stat()
+        assert b"encoding: raw" in volume_file.read_bytes()[:2000]
+        paint_slice(editor, segment_ids(segmentation)["ellipsoid"], 8, labels == 1)
+        painted = logic.update(volume_node, segmentation, options=FillOptions(**QUICK))
+        assert painted.slices == [4, 8, 11, 18]
+        assert volume_file.stat().st_mtime_ns == written.st_mtime_ns and volume_file.stat().st_ino == written.st_ino
+        crop, _ = read_labelmap(logic.folder / fill_logic.ANNOTATIONS_FILE.format(2))
+        assert crop.shape[0] == 18 - 4 + 1 and crop.size < np.prod(SHAPE)  # the painted box only
+        np.testing.assert_array_equal(crop, painted.boxLabels)
+    finally:
+        logic.cleanup()
+
+
+def test_a_worker_that_cannot_start_leaves_the_fill_idle_with_one_line(painted_scene, tmp_path):
+    volume_node, segmentation, _ = painted_scene
+    logic = HSAMFillLogic(python=str(tmp_path / "no-such-python"))
+    try:
+        with pytest.raises(HSAMError, match="^could not start the HSAM worker process: ") as error:
+            logic.start(volume_node, segmentation, options=FillOptions(**QUICK))
+        assert "\n" not in str(error.value)
+        assert not logic.running and logic.state == fill_logic.IDLE and not logic.hasPreview
+    finally:
+        logic.cleanup()
+
+
+def test_another_effect_removing_the_preview_ends_the_fill(scene, painted_scene, no_job_left_behind):
+    """Fill between slices or Grow from seeds starting their preview remove the node in the shared slot."""
+    volume_node, segmentation, _ = painted_scene
+    logic = HSAMFillLogic()
+    try:
+        logic.start(volume_node, segmentation, options=FillOptions(**dict(QUICK, epochs=1000)))
+        wait_for(logic, "preview")
+        nodes = scene.GetNumberOfNodes()
+        fill_logic.remove_node(logic.previewNode)
+        assert [e["event"] for e in logic.poll()] == ["stopped"]
+        job = no_job_left_behind[-1][0]
+        assert not logic.running and not logic.hasPreview and job.process.poll() is not None
+        assert logic.poll() == [] and scene.GetNumberOfNodes() == nodes - 2
+    finally:
+        logic.cleanup()
+
+
+def test_show_3d_follows_each_preview(scene, painted_scene):
+    volume_node, segmentation, _ = painted_scene
+    geometry = fill_logic.reference_geometry(segmentation)
+    ids = segment_ids(segmentation)
+    previewNode = fill_logic.new_preview_node(segmentation)
+    smoothing = slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule.GetSmoothingFactorParameterName()
+    assert previewNode.GetSegmentation().GetConversionParameter(smoothing) == "-0.5"
+    segment = fill_logic.Segment("ellipsoid", 1, (1.0, 0.0, 0.0))
+
+    def show(size: int) -> list:
+        labels = np.zeros(SHAPE, dtype=np.uint8)
+        labels[8:16, 10:10 + size, 10:10 + size] = 1
+        image = mrml.oriented_image_from_array(labels, geometry)
+        fill_logic.set_preview(previewNode, image, segmentation.GetSegmentation(), [ids["ellipsoid"]], [segment], True)
+        surface = vtk.vtkPolyData()
+        previewNode.GetClosedSurfaceRepresentation(ids["ellipsoid"], surface)
+        return surface.GetBounds()
+
+    small, large = show(5), show(20)
+    assert large[1] - large[0] > small[1] - small[0] + 10
+
+
+def test_the_fill_folder_goes_when_its_slicer_is_gone(painted_scene):
+    volume_node, segmentation, _ = painted_scene
+    logic = HSAMFillLogic()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = Path(tempfile.mkdtemp(prefix=f"{fill_logic.FOLDER_NAME}-job-{gone.pid}-"))
+    try:
+        logic.start(volume_node, segmentation, options=FillOptions(**QUICK))
+        assert JOB_FOLDER.match(logic.folder.name).group(1) == str(os.getpid())
+        remove_orphaned_job_folders()
+        assert not left.exists() and logic.folder.is_dir()
     finally:
         logic.cleanup()

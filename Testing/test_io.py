@@ -15,6 +15,7 @@ from hsam.io import (
     read_volume,
     write_labelmap,
     write_output,
+    write_raw_nrrd,
     write_segmentation,
     write_volume,
 )
@@ -63,6 +64,19 @@ def test_volume_round_trip_keeps_geometry_and_voxels(tmp_path, suffix, dtype):
     np.testing.assert_array_equal(read.array, volume.array)
     assert_same_geometry(read, volume, atol=1e-5)
     assert read.same_geometry(volume)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+def test_raw_nrrd_round_trip_keeps_geometry_and_voxels(tmp_path, dtype):
+    volume = make_volume(dtype=dtype)
+    path = tmp_path / "volume.nrrd"
+    write_raw_nrrd(path, volume)
+    read = read_volume(path)
+    assert read.array.dtype == dtype and b"encoding: raw" in path.read_bytes()[:400]
+    np.testing.assert_array_equal(read.array, volume.array)
+    assert_same_geometry(read, volume, atol=1e-6)
+    with pytest.raises(InputError, match="exists"):
+        write_raw_nrrd(path, volume)
 
 
 def test_float64_volume_is_read_as_float32(tmp_path):

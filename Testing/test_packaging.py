@@ -339,3 +339,43 @@ def test_effect_stays_thin_over_the_fill_logic():
     module_tree = ast.parse((ROOT / EFFECT_MODULE / f"{EFFECT_MODULE}.py").read_text(encoding="utf-8"))
     module_imports = {alias.name.split(".")[0] for n in module_tree.body if isinstance(n, ast.Import) for alias in n.names}
     assert not module_imports & {"qt", "ctk", "torch", "hsam", "HSAMLib"}
+
+
+def _method(tree: ast.AST, name: str) -> ast.FunctionDef:
+    effect = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect")
+    return next(n for n in effect.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_effect_keeps_to_what_slicers_sources_require():
+    """The Qt side, which runs only in Slicer, against the lines of Slicer's sources listed in docs/slicer.md
+    ("APIs no test exercises")."""
+    tree = ast.parse(EFFECT_FILE.read_text(encoding="utf-8"))
+    defaults = ast.unparse(_method(tree, "setMRMLDefaults"))
+    # the base class defines AutoUpdate "1" first, and setParameterDefault keeps a defined parameter
+    assert "AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults" not in defaults
+    assert "setParameterDefault('AutoUpdate', '0')" in defaults
+    # Cancel from the click on: the base class enables it only once a preview exists
+    assert "self.cancelButton.setEnabled(running" in ast.unparse(_method(tree, "updateGUIFromMRML"))
+    # the owner of the shared preview is a common parameter: the base class's check never sees it
+    assert "commonParameterDefined(PREVIEW_OWNER)" in ast.unparse(_method(tree, "_previewOwner"))
+    assert "_previewOwner" in ast.unparse(_method(tree, "getPreviewNode"))
+    # errors other than HSAM's are shown, under the wait cursor, as the base class's onPreview does
+    assert "tryWithErrorDisplay(failure, waitCursor=True)" in ast.unparse(_method(tree, "_run"))
+    assert "self._run(" in ast.unparse(_method(tree, "onPreview")) and "self._run(" in ast.unparse(_method(tree, "onApply"))
+    # Slicer 5.10 calls cleanup() before deleting an effect: observers, connections and the fill go
+    cleanup = ast.unparse(_method(tree, "cleanup")) + ast.unparse(_method(tree, "cleanupFill"))
+    for released in ("RemoveObserver(self.sceneObserverTag)", "disconnect('aboutToQuit()', self.cleanupFill)",
+                     "self.pollTimer.disconnect('timeout()', self.onPollTimer)", "self.fillLogic.cleanup()"):
+        assert released in cleanup
+    init = ast.unparse(_method(tree, "__init__"))
+    assert "AddObserver" not in init and "aboutToQuit" not in init  # only effects that run a fill observe
+
+
+def test_effect_self_test_activates_it_on_a_segmentation_with_a_source_volume():
+    """qMRMLSegmentEditorWidget refuses (5.8.1) or crashes on (5.10.0) an effect without a segmentation."""
+    module = (ROOT / EFFECT_MODULE / f"{EFFECT_MODULE}.py").read_text(encoding="utf-8")
+    test = module[module.index("def test_effect_is_registered"):]
+    activation = test.index('setActiveEffectByName("HSAM fill")')
+    assert -1 < test.index("setSegmentationNode(segmentationNode)") < activation
+    assert -1 < test.index("setSourceVolumeNode(volumeNode)") < activation
+    assert 'assertEqual(effect.parameter("AutoUpdate"), "0")' in test

@@ -110,6 +110,8 @@ def oriented_image_array(image, extent: Optional[Sequence[int]] = None) -> np.nd
     if scalars is None or min(extent_shape(own)) == 0:
         return np.zeros(out_shape, dtype=np.uint8)
     voxels = numpy_support.vtk_to_numpy(scalars).reshape(extent_shape(own))
+    if list(own) == extent:
+        return voxels.copy()
     out = np.zeros(out_shape, dtype=voxels.dtype)
     source, target = [], []
     for a in (2, 1, 0):  # z, y, x
@@ -124,11 +126,19 @@ def oriented_image_array(image, extent: Optional[Sequence[int]] = None) -> np.nd
 
 def volume_from_oriented_image(image) -> Volume:
     """Engine ``Volume`` of an oriented image (e.g. the Segment Editor's aligned source volume)."""
+    view = volume_view(image)
+    return Volume(view.array.copy(), view.spacing, view.origin, view.direction)
+
+
+def volume_view(image) -> Volume:
+    """``volume_from_oriented_image`` without copying: the voxels are a view of the image's, to read
+    (e.g. write to a file) while the image lives and stays unchanged."""
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         raise InputError("the source volume has no image data")
     if image.GetNumberOfScalarComponents() != 1:
         raise InputError("the source volume has several components per voxel; HSAM needs a grey-level volume")
-    return _volume_on_grid(oriented_image_array(image).copy(), oriented_image_to_ras(image))
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(extent_shape(image.GetExtent()))
+    return _volume_on_grid(voxels, oriented_image_to_ras(image))
 
 
 def oriented_image_from_array(array: np.ndarray, geometry):

@@ -54,6 +54,12 @@ def remove_orphaned_job_folders() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def make_job_folder(name: str) -> Path:
+    """A new folder ``<name>-job-<pid>-<random>`` in the temporary folder: removed by
+    ``remove_orphaned_job_folders`` once this process is gone."""
+    return Path(tempfile.mkdtemp(prefix=f"{name}-job-{os.getpid()}-"))
+
+
 def python_executable() -> str:
     """Slicer's ``PythonSlicer`` (Slicer's Python with Slicer's environment) when there is one, else
     this interpreter."""
@@ -90,7 +96,7 @@ class WorkerJob:
     def __init__(self, python: Optional[str] = None, name: str = "hsam"):
         self.python = python or python_executable()
         remove_orphaned_job_folders()
-        self.folder = Path(tempfile.mkdtemp(prefix=f"{name}-job-{os.getpid()}-"))
+        self.folder = make_job_folder(name)
         self.state = RUNNING
         self.error: Optional[str] = None
         self.result: Optional[dict] = None

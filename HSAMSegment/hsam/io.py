@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import HSAMWarning, InputError, printable
-from .files import Outputs, error_reason, file_suffix, real_path, write_atomic
+from .files import Outputs, error_reason, expect_size, file_suffix, real_path, write_atomic
 from .nifti import check_nifti
 from .presets import MAX_LABEL_VALUE
 
@@ -495,13 +495,15 @@ def _paste(labels: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np
 # ------------------------------------------------------------------------------------- writing
 
 
-def write_image(path: PathLike, image: sitk.Image, overwrite: bool = False, outputs: Optional[Outputs] = None) -> None:
-    """Write ``image`` compressed, in the format of ``path``'s suffix, through ``hsam.files.write_atomic``
-    (staged in ``outputs`` if given): it is read back with HSAM's checks and compared voxel by voxel
-    before it is renamed into place, as ITK's NIfTI writer does not report a full disk."""
+def write_image(path: PathLike, image: sitk.Image, overwrite: bool = False, outputs: Optional[Outputs] = None,
+                compress: bool = True) -> None:
+    """Write ``image`` (compressed unless ``compress`` is False) in the format of ``path``'s suffix through
+    ``hsam.files.write_atomic`` (staged in ``outputs`` if given): it is read back with HSAM's checks and
+    compared voxel by voxel before it is renamed into place, as ITK's NIfTI writer does not report a
+    full disk."""
     def write(temporary: Path) -> None:
         with _native_output_silenced():
-            sitk.WriteImage(image, str(temporary), True)
+            sitk.WriteImage(image, str(temporary), compress)
 
     def verify(temporary: Path) -> None:
         try:
@@ -522,6 +524,31 @@ def write_volume(path: PathLike, volume: Volume, overwrite: bool = False, output
     write_image(path, volume.to_sitk(), overwrite, outputs)
 
 
+NRRD_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "short", "uint16": "ushort", "int32": "int",
+              "uint32": "uint", "float32": "float", "float64": "double"}
+
+
+def write_raw_nrrd(path: PathLike, volume: Volume, overwrite: bool = False) -> None:
+    """Write ``volume`` as an uncompressed ``.nrrd`` straight from its voxels (no copy; checked by size,
+    not read back): fast for a large temporary volume that ``read_volume`` checks when it reads it."""
+    array = np.ascontiguousarray(volume.array).astype(volume.array.dtype.newbyteorder("<"), copy=False)
+    if array.dtype.name not in NRRD_TYPES:
+        raise InputError(f"cannot write voxels of type {array.dtype} to NRRD")
+    axes = np.reshape(volume.direction, (3, 3)) * np.asarray(volume.spacing, dtype=float)  # columns: index axes
+    header = (f"NRRD0004\ntype: {NRRD_TYPES[array.dtype.name]}\ndimension: 3\nspace: left-posterior-superior\n"
+              f"sizes: {' '.join(str(n) for n in array.shape[::-1])}\n"
+              f"space directions: {' '.join(_nrrd_vector(axes[:, i]) for i in range(3))}\n"
+              f"kinds: domain domain domain\nendian: little\nencoding: raw\nspace origin: {_nrrd_vector(volume.origin)}\n\n"
+              ).encode("ascii")
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as file:
+            file.write(header)
+            array.tofile(file)
+
+    write_atomic(path, write, overwrite, expect_size(len(header) + array.nbytes))
+
+
 def write_labelmap(
     path: PathLike, labels: np.ndarray, reference: Volume, overwrite: bool = False, outputs: Optional[Outputs] = None
 ) -> None:
@@ -539,8 +566,10 @@ def write_segmentation(
     segments: Sequence[Segment],
     overwrite: bool = False,
     outputs: Optional[Outputs] = None,
+    compress: bool = True,
 ) -> None:
-    """Write a single-layer 3D Slicer ``.seg.nrrd`` on ``reference``'s grid.
+    """Write a single-layer 3D Slicer ``.seg.nrrd`` on ``reference``'s grid (compressed unless ``compress``
+    is False).
 
     Each segment keeps its name, colour, label value and terminology. Non-zero values of ``labels``
     that no segment describes get a default ``Label_<v>`` segment.
@@ -553,15 +582,16 @@ def write_segmentation(
     values = [s.label_value for s in segments]
     if len(set(values)) != len(values):
         raise InputError("two segments share a label value")
-    present = {int(v) for v in np.unique(array) if v != 0}
-    segments += [default_segment(v) for v in sorted(present - set(values))]
+    if not set(range(1, int(array.max(initial=0)) + 1)) <= set(values):  # else every value is described
+        present = {int(v) for v in np.unique(array) if v != 0}
+        segments += [default_segment(v) for v in sorted(present - set(values))]
     if max(values, default=0) > np.iinfo(array.dtype).max:
         array = array.astype(_label_dtype(max(values)))
 
     image = reference.to_sitk(array)
     for key, value in _segmentation_metadata(segments, reference).items():
         image.SetMetaData(key, value)
-    write_image(path, image, overwrite, outputs)
+    write_image(path, image, overwrite, outputs, compress)
 
 
 def write_output(
@@ -641,6 +671,10 @@ def _xyz(shape: tuple[int, ...]) -> str:
 
 def _fmt(values: np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _nrrd_vector(values: Sequence[float]) -> str:
+    return "(" + ",".join(_num(v) for v in values) + ")"
 
 
 def _num(value: float) -> str:

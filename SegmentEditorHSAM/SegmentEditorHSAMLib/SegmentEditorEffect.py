@@ -5,7 +5,9 @@ Only the GUI is here: ``HSAMLib.fill_logic.HSAMFillLogic`` reads the segments, r
 processes, fills the preview node and applies it; a QTimer polls it, so the GUI never waits. The
 preview display, the Initialize/Update button, Cancel and Apply come from Slicer's
 ``AbstractScriptedSegmentEditorAutoCompleteEffect`` (as in Fill between slices and Grow from seeds,
-Slicer 5.8), whose ``onPreview``, ``onApply`` and ``onCancel`` this effect replaces.
+Slicer 5.8), whose ``onPreview``, ``onApply`` and ``onCancel`` this effect replaces. Auto-update is
+off by default (each update trains), Cancel is enabled while the fill runs, and the shared preview
+slot is taken only while free: another effect's preview ends HSAM fill.
 """
 
 import logging
@@ -22,6 +24,7 @@ from SegmentEditorEffects.AbstractScriptedSegmentEditorAutoCompleteEffect import
 )
 
 POLL_INTERVAL_MS = 200
+PREVIEW_OWNER = "SegmentationResultPreviewOwnerEffect"  # common parameter: the effect whose preview is shown
 PREVIEW_OPACITY = 0.6
 AXIS_LABELS = (("auto", "Auto"), ("axial", "Axial"), ("coronal", "Coronal"), ("sagittal", "Sagittal"))
 
@@ -37,8 +40,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorAutoCompleteEffect):
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
-        self.sceneObserverTag = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        slicer.app.connect("aboutToQuit()", self.cleanupFill)
+        self.sceneObserverTag = None  # observers of the scene and the application, while a fill exists
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -100,7 +102,7 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         self.saveModelButton.connect("clicked()", self.onSaveModel)
 
     def setMRMLDefaults(self):
-        AbstractScriptedSegmentEditorAutoCompleteEffect.setMRMLDefaults(self)
+        # Not the base class's: it defines AutoUpdate as "1", and a default never replaces a defined parameter.
         self.scriptedEffect.setParameterDefault("AutoUpdate", "0")  # each update trains: only when asked
         self.scriptedEffect.setParameterDefault("HSAMAxis", "auto")
         self.scriptedEffect.setParameterDefault("HSAMModel", "tiny")
@@ -123,8 +125,20 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         self.betterCheckBox.checked = self.scriptedEffect.integerParameter("HSAMBetter") != 0
         self.betterCheckBox.blockSignals(wasBlocked)
         logic = self.fillLogic
+        running = logic is not None and logic.running
+        self.cancelButton.setEnabled(running or self.getPreviewNode() is not None)  # from the click on
         self.saveModelButton.enabled = logic is not None and logic.modelPath is not None
-        self.progressBar.visible = logic is not None and logic.running
+        self.progressBar.visible = running
+
+    def getPreviewNode(self):
+        """The shared preview node while HSAM fill owns it. (The base class looks for the owner under the
+        effect's own parameter name, which is never set, so it takes any effect's preview for its own.)"""
+        previewNode = self.scriptedEffect.nodeReference(ResultPreviewNodeReferenceRole)
+        return previewNode if previewNode is not None and self._previewOwner() == self.scriptedEffect.name else None
+
+    def _previewOwner(self) -> str:
+        defined = self.scriptedEffect.commonParameterDefined(PREVIEW_OWNER)
+        return self.scriptedEffect.parameter(PREVIEW_OWNER) if defined else ""
 
     @staticmethod
     def _selectData(comboBox, value):
@@ -153,43 +167,52 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
 
     def onPreview(self):
         """Initialize (a new model) or Update (continue from the model), without waiting."""
-        if self.previewComputationInProgress:
+        import HSAMSegment
+
+        if self.previewComputationInProgress or not HSAMSegment.ensureDependencies():  # may ask to install
             return
         self.previewComputationInProgress = True
         try:
-            self._startOrUpdate()
+            self._run("HSAM fill failed:", self._startOrUpdate)
         finally:
             self.previewComputationInProgress = False
 
-    def _startOrUpdate(self):
-        import HSAMSegment
+    def _run(self, failure, action) -> bool:
+        """Run ``action`` under the wait cursor; an HSAM error (bad input) is shown as one line, any other
+        error with its details (and raised again). Returns whether it succeeded."""
         from hsam.errors import HSAMError
+
+        message = None
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            try:
+                action()
+            except HSAMError as error:
+                message = str(error)
+        if message is not None:
+            slicer.util.errorDisplay(f"HSAM fill: {message}")
+        return message is None
+
+    def _startOrUpdate(self):
         from HSAMLib.fill_logic import HSAMFillLogic
 
-        if not HSAMSegment.ensureDependencies():
-            return
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        sourceVolumeNode = parameterSetNode.GetSourceVolumeNode()
         visible = vtk.vtkStringArray()
         segmentationNode.GetDisplayNode().GetVisibleSegmentIDs(visible)
         segmentIDs = [visible.GetValue(i) for i in range(visible.GetNumberOfValues())]
+        if self._previewOwner() not in ("", self.scriptedEffect.name):
+            self.reset()  # another effect's preview goes, as the auto-complete effects' own previews replace it
         if self.fillLogic is None:
             self.fillLogic = HSAMFillLogic()
+            self._observeSceneAndApplication()
         updating = self.getPreviewNode() is not None and self.fillLogic.input is not None
-        try:
-            start = self.fillLogic.update if updating else self.fillLogic.start
-            painted = start(sourceVolumeNode, segmentationNode, segmentIDs, self.fillOptions(),
-                            self.scriptedEffect.sourceVolumeImageData())
-        except HSAMError as error:  # one line: what to paint differently
-            slicer.util.errorDisplay(f"HSAM fill: {error}")
-            return
+        start = self.fillLogic.update if updating else self.fillLogic.start
+        painted = start(parameterSetNode.GetSourceVolumeNode(), segmentationNode, segmentIDs, self.fillOptions(),
+                        self.scriptedEffect.sourceVolumeImageData())
         self.selectedSegmentIds = vtk.vtkStringArray()  # what the base class's auto-update watches
         for segmentID in painted.segmentIDs:
             self.selectedSegmentIds.InsertNextValue(segmentID)
-        if painted.leftAlone:
-            slicer.util.showStatusMessage(f"HSAM fill leaves alone (nothing painted): {', '.join(painted.leftAlone)}", 5000)
-        self.statusLabel.text = self.fillLogic.message
+        self.statusLabel.text = painted.summary()
         self.progressBar.value = 0
         self.pollTimer.start()
         self.updateGUIFromMRML()
@@ -199,7 +222,18 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         if logic is None:
             self.pollTimer.stop()
             return
-        for event in logic.poll():
+        owner = self._previewOwner()
+        if owner not in ("", self.scriptedEffect.name):  # another effect's preview took the shared slot
+            logic.cancel()
+            logic.message = f"stopped: {owner} shows its preview"
+        try:
+            events = logic.poll()
+        except Exception as error:  # a preview that cannot be read: end the fill, say why once
+            logic.cancel()
+            logging.exception("HSAM fill failed")
+            slicer.util.errorDisplay(f"HSAM fill failed:\n{error}")
+            events = []
+        for event in events:
             if event["event"] == "preview":
                 self._showPreviewNode()
             elif event["event"] == "failed":
@@ -213,12 +247,14 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         self.updateGUIFromMRML()
 
     def _showPreviewNode(self):
-        """The logic's preview node becomes the effect's result preview, as the auto-complete effects show it."""
+        """The logic's preview node becomes the effect's result preview, as the auto-complete effects show it,
+        while the shared slot is free or HSAM fill's."""
         previewNode = self.fillLogic.previewNode
-        if previewNode is None or self.scriptedEffect.nodeReference(ResultPreviewNodeReferenceRole) is previewNode:
+        current = self.scriptedEffect.nodeReference(ResultPreviewNodeReferenceRole)
+        if previewNode is None or current is previewNode or (current is not None and self.getPreviewNode() is None):
             return
         self.scriptedEffect.setCommonNodeReference(ResultPreviewNodeReferenceRole, previewNode)
-        self.scriptedEffect.setCommonParameter("SegmentationResultPreviewOwnerEffect", self.scriptedEffect.name)
+        self.scriptedEffect.setCommonParameter(PREVIEW_OWNER, self.scriptedEffect.name)
         self.setPreviewOpacity(PREVIEW_OPACITY)
 
     # --- Cancel / Apply / Save model -----------------------------------------------------------------
@@ -231,19 +267,27 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
         self.reset()
 
     def onApply(self):
-        if self.fillLogic is None or not self.fillLogic.hasPreview:
+        logic = self.fillLogic
+        if logic is None or not logic.hasPreview:
             return
         self.delayedAutoUpdateTimer.stop()
         self.observeSegmentation(False)
-        self.pollTimer.stop()
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        closedSurface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+        show3D = logic.previewNode.GetSegmentation().ContainsRepresentation(closedSurface)
 
         def modifySegment(segmentID, labelmap):
             self.scriptedEffect.modifySegmentByLabelmap(
                 segmentationNode, segmentID, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
-        self.fillLogic.apply(self.scriptedEffect.saveStateForUndo, modifySegment)
-        self.statusLabel.text = self.fillLogic.message
+        # the logic refuses another segmentation than the preview's (the user switched): nothing changes
+        if not self._run("Could not apply HSAM fill:",
+                         lambda: logic.apply(self.scriptedEffect.saveStateForUndo, modifySegment, segmentationNode)):
+            return
+        self.pollTimer.stop()
+        if show3D:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        self.statusLabel.text = logic.message
         self.reset()
 
     def onSaveModel(self):
@@ -260,12 +304,30 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
 
     # --- leaving ----------------------------------------------------------------------------------------
 
+    def _observeSceneAndApplication(self):
+        """End the fill when the scene closes or Slicer quits (released by ``cleanupFill``)."""
+        self.sceneObserverTag = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        slicer.app.connect("aboutToQuit()", self.cleanupFill)
+
     def onSceneStartClose(self, caller=None, event=None):
         self.cleanupFill()
 
     def cleanupFill(self):
-        """End the worker and remove the files (the scene closes, or Slicer quits)."""
+        """End the worker, remove the files and the observers (the scene closes, or Slicer quits)."""
         self.pollTimer.stop()
+        if self.sceneObserverTag is not None:
+            slicer.mrmlScene.RemoveObserver(self.sceneObserverTag)
+            slicer.app.disconnect("aboutToQuit()", self.cleanupFill)
+            self.sceneObserverTag = None
         if self.fillLogic is not None:
             self.fillLogic.cleanup()
             self.fillLogic = None
+
+    def cleanup(self):
+        """Before the effect is deleted (Slicer 5.10 calls it; 5.8 never deletes effects before quitting):
+        the fill, its observers and the timers' connections go."""
+        self.cleanupFill()
+        self.pollTimer.disconnect("timeout()", self.onPollTimer)
+        baseCleanup = getattr(AbstractScriptedSegmentEditorAutoCompleteEffect, "cleanup", None)  # 5.10 and later
+        if baseCleanup is not None:
+            baseCleanup(self)
