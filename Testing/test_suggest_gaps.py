@@ -80,6 +80,25 @@ def test_the_gap_where_a_structure_appears_ranks_first():
     assert [(g.low, g.high) for g in rank_gaps(propagation, 2)] == [(g.low, g.high) for g in gaps[:2]]
 
 
+def test_a_small_structure_weighs_as_much_as_a_large_one():
+    """A large disc growing in the gap 0–10 changes many more voxels than a small disc appearing in the
+    gap 10–20; relative to each structure's size the small one changes more, and ranks first."""
+    rng = np.random.default_rng(2)
+    texture = rng.normal(0, 1, (SIZE // 4, SIZE // 4)).repeat(4, 0).repeat(4, 1) * 60 + 300
+    y, x = np.mgrid[:SIZE, :SIZE]
+    image = np.empty((21, SIZE, SIZE), np.float32)
+    labels = np.zeros((21, SIZE, SIZE), np.uint8)
+    for z in range(21):
+        large = (y - 26) ** 2 + (x - 26) ** 2 <= (14 + 0.8 * min(z, 10)) ** 2
+        small = ((y - 56) ** 2 + (x - 56) ** 2 <= 9) & (z >= 15)
+        image[z] = np.where(large | small, 900.0, texture)
+        labels[z][large], labels[z][small] = 1, 2
+    propagation, _ = flow_propagator(image, labels, [0, 10, 20], modality="mr")
+    gaps = rank_gaps(propagation)
+    assert [(g.low, g.high) for g in gaps] == [(10, 20), (0, 10)]
+    assert gaps[1].disagreement.sum() > 2 * gaps[0].disagreement.sum()  # in voxels the large one wins
+
+
 def test_the_flows_are_computed_once_for_ranking_and_propagating(monkeypatch):
     computed = []
     original = SliceFlows._compute
