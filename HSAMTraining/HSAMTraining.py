@@ -89,8 +89,9 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceLabel = None
         self._pairs = None
         self._suggestJob = None
-        self._suggestion = None  # (volume node, annotated slices, count) of the running suggestion
+        self._suggestion = None  # (volume node, axis, annotated slices, count) of the running suggestion
         self._suggestionNodes = (None, None)  # uncertainty volume and score table of the last one
+        self._gapTable = None  # table of the last suggestion without a model
         self._shownSlices = None  # (volume node, axis, suggested slices) listed in the panel
 
     def setup(self) -> None:
@@ -196,6 +197,7 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
         self._suggestJob.cancel()
         self._suggestionNodes = (None, None)
+        self._gapTable = None
         self._shownSlices = None
         self._curves = None
         self._pairs.ids.clear()
@@ -368,15 +370,21 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         section = ctk.ctkCollapsibleButton()
         section.text = "Next slices to annotate"
         form = qt.QFormLayout(section)
+        self.suggestRankingComboBox = qt.QComboBox()
+        self.suggestRankingComboBox.addItem("Where the flow propagation disagrees (no model)", "flow")
+        self.suggestRankingComboBox.addItem("Where the base model is unsure (an HSAM model)", "model")
+        self.suggestRankingComboBox.toolTip = (
+            "Flow: the gaps between annotated slices where the painting carried from the slice below and from the "
+            "slice above disagree most; the middle slice of each (seconds, no model). Model: the slices where the "
+            "base model (a fine-tuned HSAM model) is least sure, with its uncertainty as an overlay."
+        )
+        form.addRow("Rank by:", self.suggestRankingComboBox)
         self.suggestCountSpinBox = qt.QSpinBox()
         self.suggestCountSpinBox.setRange(1, 50)
         self.suggestCountSpinBox.value = 5
         form.addRow("Slices to suggest:", self.suggestCountSpinBox)
         self.suggestButton = qt.QPushButton("Suggest slices")
-        self.suggestButton.toolTip = (
-            "Segment the volume with the base model (an HSAM model), show where it is unsure as an overlay and "
-            "list the slices to annotate next: the most uncertain ones, spread out, skipping annotated slices."
-        )
+        self.suggestButton.toolTip = "List the slices to annotate next, skipping annotated slices."
         form.addRow(self.suggestButton)
         self.suggestionList = qt.QListWidget()
         self.suggestionList.toolTip = "Click a slice to show it in the slice views."
@@ -392,17 +400,22 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not suggest slices.", waitCursor=True):
             if not ensureDependencies():
                 return
-            from hsam.bundle import read_bundle_metadata
-            from hsam.errors import InputError
-
             p = self._parameterNode
-            if not p.baseModel.endswith(".hsam"):
-                raise InputError("choose an HSAM model (a fine-tuned one) as the base model to suggest slices")
             suggester = self.logic.suggester
-            axis = read_bundle_metadata(p.baseModel).slice_axis  # the axis the model scores slices along
-            annotated = suggester.annotatedSlices(p.segmentation, p.inputVolume, axis)
-            self._suggestion = (p.inputVolume, axis, annotated, self.suggestCountSpinBox.value)
-            self._suggestJob.start(suggester.startPrediction(p.inputVolume, p.baseModel, device=p.device))
+            count = self.suggestCountSpinBox.value
+            if self.suggestRankingComboBox.currentData == "flow":
+                self._suggestion = (p.inputVolume, p.sliceAxis, None, count)
+                self._suggestJob.start(suggester.startGapRanking(p.inputVolume, p.segmentation, p.sliceAxis, count))
+            else:
+                from hsam.bundle import read_bundle_metadata
+                from hsam.errors import InputError
+
+                if not p.baseModel.endswith(".hsam"):
+                    raise InputError("choose an HSAM model (a fine-tuned one) as the base model to rank by its uncertainty")
+                axis = read_bundle_metadata(p.baseModel).slice_axis  # the axis the model scores slices along
+                annotated = suggester.annotatedSlices(p.segmentation, p.inputVolume, axis)
+                self._suggestion = (p.inputVolume, axis, annotated, count)
+                self._suggestJob.start(suggester.startPrediction(p.inputVolume, p.baseModel, device=p.device))
             self.suggestButton.text = "Cancel"
             self.ui.statusLabel.text = "Scoring the slices…"
 
@@ -421,24 +434,40 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.state != CANCELLED:
                 reportWorkerError("Could not suggest slices.", job)
             return
-        suggester = self.logic.suggester
-        with slicer.util.tryWithErrorDisplay("Could not read the suggestion.", waitCursor=True):
-            prediction = suggester.loadPrediction(job, axis)
         if not slicer.mrmlScene.IsNodePresent(volumeNode):
+            job.cleanup()
             self.ui.statusLabel.text = "The volume was removed."
             return
+        with slicer.util.tryWithErrorDisplay("Could not read the suggestion.", waitCursor=True):
+            lines = self._showGaps(job, volumeNode, axis) if annotated is None else self._showUncertain(
+                job, volumeNode, axis, annotated, count)
+        self.suggestionList.clear()
+        for rank, line in enumerate(lines, start=1):
+            self.suggestionList.addItem(f"{rank}. {line}")
+        self.ui.progressBar.value = 100
+        picks = self._shownSlices[2]
+        self.ui.statusLabel.text = (
+            f"Annotate {axis} slice {picks[0]} (shown) and the others listed, then Fine-tune."
+            if picks else "No slice left to suggest."
+        )
+
+    def _showGaps(self, job, volumeNode, axis: str) -> list[str]:
+        """The flow ranking's suggestions into the table and the views; the list's lines."""
+        suggester = self.logic.suggester
+        gaps = suggester.loadGaps(job)
+        self._gapTable = suggester.showGaps(gaps, volumeNode, axis, self._gapTable)
+        self._shownSlices = (volumeNode, axis, [gap.slice for gap in gaps])
+        return [gap.describe(axis) for gap in gaps]
+
+    def _showUncertain(self, job, volumeNode, axis: str, annotated, count: int) -> list[str]:
+        """The model's suggestions, overlay and table into the scene; the list's lines."""
+        suggester = self.logic.suggester
+        prediction = suggester.loadPrediction(job, axis)
         picks = suggester.rank(prediction, count, annotated)
         result = suggester.show(prediction, picks, volumeNode, *self._suggestionNodes)
         self._suggestionNodes = (result.uncertaintyNode, result.tableNode)
         self._shownSlices = (volumeNode, prediction.axis, picks)
-        self.suggestionList.clear()
-        for rank, index in enumerate(picks, start=1):
-            self.suggestionList.addItem(f"{rank}. {prediction.axis} slice {index} (uncertainty {prediction.scores[index]:.3f})")
-        self.ui.progressBar.value = 100
-        self.ui.statusLabel.text = (
-            f"Annotate {prediction.axis} slice {picks[0]} (shown) and the others listed, then Fine-tune."
-            if picks else "No slice left to suggest."
-        )
+        return [f"{prediction.axis} slice {index} (uncertainty {prediction.scores[index]:.3f})" for index in picks]
 
     def onSuggestionSelected(self, row: int) -> None:
         if row < 0 or self._shownSlices is None:
@@ -508,6 +537,10 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
         if not missing.empty:  # build machines without PyTorch: the engine part cannot run
             self.delayDisplay(f"Skipping the fine-tuning test: {missing.describe()}")
             return
+
+        self.delayDisplay("Suggesting slices from the flow propagation")
+        gaps, _ = HSAMTrainingLogic().suggester.suggestGaps(volumeNode, segmentationNode, "axial", 2)
+        self.assertEqual([gap.slice for gap in gaps], [4])  # the middle of the one gap, 3–5
 
         self.delayDisplay("Fine-tuning in a worker process")
         curves = TrainingCurves(slicer.mrmlScene, "HSAM self-test")

@@ -1,5 +1,8 @@
 """HSAMLib's correction loop against a real MRML scene (PyPI slicer-core) and a real tiny model:
-uncertainty overlay on the volume's grid, score table, suggestions that skip annotated slices, jump."""
+uncertainty overlay on the volume's grid, score table, suggestions that skip annotated slices, jump;
+without a model, the gaps where flow propagation disagrees (a real `python -m hsam suggest` worker)."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from hsam.preprocess import IntensityPreprocessing  # noqa: E402
 from hsam.suggest import suggest_slices  # noqa: E402
 from hsam.uncertainty import DEFAULT_SIGNAL, OVERLAY_THRESHOLD  # noqa: E402
 from HSAMLib import mrml  # noqa: E402
-from HSAMLib.suggest_logic import COLOR_NODE_NAME, HSAMSuggestLogic  # noqa: E402
+from HSAMLib.suggest_logic import COLOR_NODE_NAME, GAP_TABLE_COLUMNS, HSAMSuggestLogic  # noqa: E402
 
 SHAPE = (10, 24, 20)  # (z, y, x)
 
@@ -127,3 +130,42 @@ def test_repeated_suggestions_replace_the_map_and_reuse_the_colour_map(scene, vo
     assert not scene.IsNodePresent(first) and scene.IsNodePresent(second)
     colour_nodes = [scene.GetNthNodeByClass(i, "vtkMRMLColorNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorNode"))]
     assert [n.GetName() for n in colour_nodes].count(COLOR_NODE_NAME) == 1
+
+
+def test_gap_suggestions_list_the_slices_to_paint_and_jump_to_each(scene, volume_node, views):
+    painted = [1, 4, 9]
+    annotated = np.zeros(SHAPE, np.uint8)
+    annotated[painted] = mrml.volume_from_node(volume_node).array[painted] > 0
+    segmentation = mrml.labels_to_segmentation(annotated, [Segment("blob", 1, (0.9, 0.4, 0.2), None)], volume_node)
+    logic = HSAMSuggestLogic(python=sys.executable)
+
+    gaps, table_node = logic.suggestGaps(volume_node, segmentation, "axial", count=5)
+
+    assert sorted((g.low, g.high, g.slice) for g in gaps) == [(1, 4, 2), (4, 9, 6)]  # the gaps' middles
+    assert [g.score for g in gaps] == sorted((g.score for g in gaps), reverse=True)
+    assert gaps[0].describe("axial").startswith(f"axial slice {gaps[0].slice} (between {gaps[0].low} and")
+    table = table_node.GetTable()
+    assert [table.GetColumnName(c) for c in range(5)] == ["suggestion", "axial slice", *GAP_TABLE_COLUMNS[2:]]
+    assert [(table.GetValue(r, 0).ToInt(), table.GetValue(r, 1).ToInt()) for r in range(table.GetNumberOfRows())] == [
+        (rank, g.slice) for rank, g in enumerate(gaps, start=1)]
+
+    # the views land on the first suggestion (S decreases by 2.5 mm per slice); a click on another jumps there
+    red, green = views["Red"][0], views["Green"][0]
+    assert red.GetSliceOffset() == pytest.approx(7.25 - 2.5 * gaps[0].slice)
+    logic.jumpToSlice(volume_node, "axial", gaps[1].slice)
+    assert red.GetSliceOffset() == pytest.approx(7.25 - 2.5 * gaps[1].slice)
+    assert green.GetSliceOffset() == pytest.approx(HSAMSuggestLogic.sliceCenterRAS(volume_node, "axial", gaps[1].slice)[1])
+
+    # a second ranking refills the same table
+    again, same = logic.suggestGaps(volume_node, segmentation, "axial", count=1, tableNode=table_node)
+    assert same is table_node and table_node.GetTable().GetNumberOfRows() == 1 and again[0].slice == gaps[0].slice
+
+
+def test_gap_ranking_errors_come_back_as_one_line(scene, volume_node):
+    from hsam.errors import HSAMError
+
+    annotated = np.zeros(SHAPE, np.uint8)
+    annotated[4] = mrml.volume_from_node(volume_node).array[4] > 0
+    segmentation = mrml.labels_to_segmentation(annotated, [Segment("blob", 1, (0.9, 0.4, 0.2), None)], volume_node)
+    with pytest.raises(HSAMError, match="needs at least two"):
+        HSAMSuggestLogic(python=sys.executable).suggestGaps(volume_node, segmentation, "axial")

@@ -498,7 +498,7 @@ def test_slicer_side_modules_never_import_torch():
     code = (
         "import sys\n"
         "from HSAMLib import annotations, dependencies, devices, fill_logic, models, mrml, parameters, plots, "
-        "segment_logic, training_logic, worker\n"
+        "segment_logic, suggest_logic, training_logic, worker\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'segment_anything')))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(devices.__file__).rsplit(os.sep, 2)[0])

@@ -1,6 +1,25 @@
 """The correction loop, simulated on the MNI152 demo with the reference labels as the annotator.
 
     python benchmarks/bench_active.py [--seeds 2345 7 11] [--update-docs]
+    python benchmarks/bench_active.py --flow-alone [--ct FOLDER ...] [--every 10 20] [--update-docs]
+
+``--flow-alone`` (seconds per setting, no model): where to paint next from flow propagation alone
+(``hsam.guidance.gaps``). First round: every k-th labelled axial slice painted (``--every``); then two
+rounds, each painting the middle slice of M more gaps between painted slices (M: ``--added``, default
+a third of the first round's gaps), chosen
+
+* ``uniform``: the largest gaps, evenly spread among those of one size;
+* ``total variation``: the gaps where flow propagation from below and from above disagree most, as
+  ½ Σ_k |p_below,k − p_above,k| summed over the gap's slices and pixels;
+* ``per class``: the same disagreement per class, each class's divided by its mean area on the painted
+  slices, summed over the classes (small structures weigh as much as large ones): the ranking of
+  ``hsam suggest`` without a model (``hsam.guidance.gaps.rank_gaps``).
+
+After each round the volume is propagated again from each strategy's painted slices and scored (mean
+Dice over the classes, voxels pooled) on the labelled slices no strategy has painted. Volumes: the
+MNI152 template (grey and white matter) and each ``--ct`` folder (image.nii.gz, labels.nii.gz,
+classes.json: the classes on at least 10 axial slices, as in bench_fewshot.py). The 1-minute load
+average is recorded before each volume.
 
 Start: 5 uniformly spaced labelled axial slices annotated, a tiny model trained from scratch
 (``--initial-epochs``). Then ``--rounds`` rounds: each strategy adds ``--per-round`` slices, the
@@ -27,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -205,6 +226,121 @@ def summary(rows: list[dict], strategies, rounds: int) -> list[dict]:
     return out
 
 
+
+# --- flow propagation alone ----------------------------------------------------------------------
+
+FLOW_STRATEGIES = ("uniform", "total variation", "per class")
+
+
+def uniform_gaps(gaps: list, count: int) -> list:
+    """The ``count`` largest gaps, evenly spread among the gaps of the smallest size taken."""
+    chosen: list = []
+    for size in sorted({g.high - g.low for g in gaps}, reverse=True):
+        same = sorted((g for g in gaps if g.high - g.low == size), key=lambda g: g.low)
+        need = count - len(chosen)
+        chosen += same if len(same) <= need else [same[int((i + 0.5) * len(same) / need)] for i in range(need)]
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def choose_gaps(strategy: str, gaps: list, count: int) -> list[int]:
+    """The slices to paint: the middles of ``count`` of the ``gaps`` (ranked by ``rank_gaps``)."""
+    if strategy == "uniform":
+        chosen = uniform_gaps(gaps, count)
+    elif strategy == "total variation":
+        chosen = sorted(gaps, key=lambda g: (-g.disagreement.sum(), g.low))[:count]
+    else:
+        chosen = gaps[:count]
+    return [g.slice for g in chosen]
+
+
+def propagate_and_rank(image: np.ndarray, labels: np.ndarray, painted: list[int]):
+    """(labels propagated from the ``painted`` slices, their gaps ranked), one set of flows for both."""
+    from hsam.baselines import flow_propagator
+    from hsam.guidance.gaps import rank_gaps
+
+    propagation, values = flow_propagator(image, labels, painted)
+    gaps = rank_gaps(propagation)
+    return np.concatenate([[0], values]).astype(labels.dtype)[propagation.volume()], gaps
+
+
+def flow_dice(predicted: np.ndarray, labels: np.ndarray, slices: list[int], values: list[int]) -> float:
+    from hsam.metrics import dice_score
+
+    return float(np.mean([dice_score(predicted[slices] == v, labels[slices] == v) for v in values]))
+
+
+def flow_alone(name: str, image: np.ndarray, labels: np.ndarray, values: list[int], every: int,
+               added: int | None, rounds: int, log) -> list[dict]:
+    """Uniform against suggested gaps over ``rounds`` rounds from every ``every``-th labelled slice."""
+    from hsam.guidance.priors import annotated_slices
+
+    labelled = annotated_slices(labels, 0)
+    first = labelled[every // 2 :: every]
+    started = time.monotonic()
+    predicted, gaps = propagate_and_rank(image, labels, first)
+    count = added or max(1, math.ceil(len(gaps) / 3))
+    state = {s: (list(first), gaps) for s in FLOW_STRATEGIES}
+    rows = [{"volume": name, "k": every, "round": 0, "painted": len(first), "strategy": "first round",
+             "Dice": flow_dice(predicted, labels, [z for z in labelled if z not in first], values)}]
+    log(rows[-1])
+    for round_index in range(1, rounds + 1):
+        results = {}
+        for strategy in FLOW_STRATEGIES:
+            painted, gaps = state[strategy]
+            painted = sorted(painted + choose_gaps(strategy, gaps, count))
+            predicted, gaps = propagate_and_rank(image, labels, painted)
+            state[strategy] = (painted, gaps)
+            results[strategy] = predicted
+        common = [z for z in labelled if all(z not in state[s][0] for s in FLOW_STRATEGIES)]
+        for strategy in FLOW_STRATEGIES:
+            rows.append({"volume": name, "k": every, "round": round_index, "painted": len(state[strategy][0]),
+                         "added": count, "strategy": strategy,
+                         "Dice": flow_dice(results[strategy], labels, common, values)})
+            log(rows[-1])
+    rows[0]["seconds"] = time.monotonic() - started
+    return rows
+
+
+def flow_volumes(ct_folders: list[Path]) -> list[tuple[str, np.ndarray, np.ndarray, list[int]]]:
+    """(name, image, labels, scored label values) of the MNI152 template and each CT folder."""
+    from bench_fewshot import ct, mni
+
+    named = [("MNI152", mni())] + [(f"CT {f.name}", ct(f / "image.nii.gz", f / "labels.nii.gz", f / "classes.json"))
+                                   for f in ct_folders]
+    return [(f"{name}, {len(d.segments)} classes", d.volume.array, d.labels, [s.label_value for s in d.segments])
+            for name, d in named]
+
+
+def run_flow_alone(args, log) -> None:
+    rows = []
+    for name, image, labels, values in flow_volumes(args.ct):
+        for every in args.every:
+            load = os.getloadavg()[0]
+            setting = flow_alone(name, image, labels, values, every, args.added, 2, log)
+            setting[0]["load"] = load
+            rows += setting
+    summary = []
+    for first in (r for r in rows if r["round"] == 0):
+        mine = [r for r in rows if (r["volume"], r["k"]) == (first["volume"], first["k"]) and r["round"] > 0]
+        for round_index in sorted({r["round"] for r in mine}):
+            row = {"volume": first["volume"], "k": first["k"],
+                   "first round": f"{first['painted']} ({first['Dice']:.3f})", "round": round_index,
+                   "added": mine[0]["added"] * round_index, "load": f"{first['load']:.2f}",
+                   "s": f"{first['seconds']:.0f}"}
+            row.update({r["strategy"]: r["Dice"] for r in mine if r["round"] == round_index})
+            summary.append(row)
+    columns = ["volume", "k", "first round", "round", "added", *FLOW_STRATEGIES, "load", "s"]
+    text = (f"{table(summary, columns)}\n\nFirst round: painted slices (mean Dice on the others). Dice: mean over "
+            "the classes, voxels pooled over the labelled slices painted by no strategy in that round. load: the "
+            "1-minute load average before the volume; s: seconds for the setting (both rounds, every strategy).")
+    print(text)
+    if args.update_docs:
+        command = " ".join(["python benchmarks/bench_active.py", *sys.argv[1:]])
+        update_docs("Paint here next: gaps by flow disagreement vs uniform", command, text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[2345, 7, 11])
@@ -219,6 +355,13 @@ def main() -> None:
     parser.add_argument("--z-step", type=int, default=3, help="use every n-th axial slice of the template")
     parser.add_argument("--log", type=Path, help="also append every row as a JSON line to this file")
     parser.add_argument("--update-docs", action="store_true", help="write the tables into docs/performance.md")
+    parser.add_argument("--flow-alone", action="store_true",
+                        help="only compare uniform and suggested gaps with flow propagation alone (no model)")
+    parser.add_argument("--ct", type=Path, nargs="*", default=[],
+                        help="--flow-alone: CT folders holding image.nii.gz, labels.nii.gz and classes.json")
+    parser.add_argument("--every", type=int, nargs="+", default=[10, 20],
+                        help="--flow-alone: first round, every k-th labelled axial slice")
+    parser.add_argument("--added", type=int, help="--flow-alone: gaps painted per round (default: a third of the gaps)")
     args = parser.parse_args()
 
     def log(row: dict) -> None:
@@ -227,6 +370,9 @@ def main() -> None:
             with open(args.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
+    if args.flow_alone:
+        run_flow_alone(args, log)
+        return
     rows, quality = [], []
     with tempfile.TemporaryDirectory() as folder:
         for seed in args.seeds:

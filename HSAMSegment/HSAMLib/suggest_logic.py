@@ -1,10 +1,17 @@
-"""Which slices to annotate next, in the scene: the model's uncertainty as a coloured overlay, the
-per-slice scores in a table, the slice views on the first suggestion. Usable without the GUI.
+"""Which slices to annotate next, in the scene. Usable without the GUI.
 
-The model runs in a worker process (``hsam segment --uncertainty``): ``startPrediction`` writes the
-volume into the job's folder and starts it; ``loadPrediction`` reads the labels, the map and the
-per-slice scores it wrote; ``rank`` and ``show`` (main thread) pick the slices and fill the scene.
-``suggest()`` does everything in one call. This process never imports torch.
+Without a model (``suggestGaps``): the gaps between the annotated slices where flow propagation from
+below and from above disagree most, the middle slice of each (``hsam suggest`` without ``-m`` in a
+worker: ``startGapRanking``, then ``loadGaps``); ``showGaps`` puts them into a table and the slice
+views on the first one.
+
+With a model (``suggest``): the model's uncertainty as a coloured overlay, the per-slice scores in a
+table, the slice views on the first suggestion. The model runs in a worker process (``hsam segment
+--uncertainty``): ``startPrediction`` writes the volume into the job's folder and starts it;
+``loadPrediction`` reads the labels, the map and the per-slice scores it wrote; ``rank`` and ``show``
+(main thread) pick the slices and fill the scene.
+
+``jumpToSlice`` centres the slice views on a suggestion. This process never imports torch.
 """
 
 from __future__ import annotations
@@ -18,11 +25,11 @@ import slicer
 import vtk
 
 from hsam.errors import InputError
-from hsam.io import Volume, read_labelmap, read_volume
+from hsam.io import Volume, read_labelmap, read_volume, write_segmentation
 from hsam.presets import SLICE_AXES
 
 from . import mrml
-from .segment_logic import INPUT_FILE, OnEvents, job_with_volume
+from .segment_logic import ANNOTATIONS_FILE, INPUT_FILE, OnEvents, job_with_volume
 from .worker import WorkerJob
 
 LABELS_FILE = "labels.nrrd"
@@ -32,6 +39,7 @@ COLOR_NODE_NAME = "HSAM uncertainty"
 COLOR_POINTS = ((0.0, (0.15, 0.25, 1.0)), (0.5, (1.0, 0.9, 0.1)), (1.0, (1.0, 0.05, 0.0)))
 OVERLAY_OPACITY = 0.5
 TABLE_COLUMNS = ("slice", "score", "suggestion")
+GAP_TABLE_COLUMNS = ("suggestion", "slice", "gap from", "gap to", "disagreement")
 
 
 @dataclass
@@ -49,6 +57,20 @@ class Suggestions:
     slices: list[int]  # most useful first
     uncertaintyNode: object  # vtkMRMLScalarVolumeNode
     tableNode: object  # vtkMRMLTableNode
+
+
+@dataclass
+class GapSuggestion:
+    """The slice to paint in the gap between annotated slices ``low`` and ``high`` (no MRML)."""
+
+    slice: int
+    low: int
+    high: int
+    score: float  # disagreement of the two propagation directions, in slices' worth of each structure
+
+    def describe(self, axis: str) -> str:
+        """The line the suggestion list shows."""
+        return f"{axis} slice {self.slice} (between {self.low} and {self.high}; disagreement {self.score:.2f})"
 
 
 class HSAMSuggestLogic:
@@ -117,6 +139,63 @@ class HSAMSuggestLogic:
         prediction = self.loadPrediction(job, axis)
         annotated = self.annotatedSlices(segmentationNode, volumeNode, axis)
         return self.show(prediction, self.rank(prediction, count, annotated), volumeNode)
+
+    # --- without a model: the gaps where flow propagation disagrees ---------------------------
+
+    def startGapRanking(self, volumeNode, segmentationNode, axis: str, count: int) -> WorkerJob:
+        """Start ``hsam suggest`` without a model on ``volumeNode`` and the annotations of
+        ``segmentationNode`` (both read here, on the main thread) in a worker."""
+        labels, segments = mrml.labels_from_segmentation(segmentationNode, volumeNode)
+        job = job_with_volume(self.python, "hsam-suggest", volumeNode)
+        try:
+            write_segmentation(job.folder / ANNOTATIONS_FILE, labels, mrml.volume_from_node(volumeNode), segments)
+        except BaseException:
+            job.cleanup()
+            raise
+        return job.start([
+            "suggest", job.folder / INPUT_FILE, "--annotated", job.folder / ANNOTATIONS_FILE, "--axis", axis,
+            "-n", int(count), "--progress", "json",
+        ])
+
+    @staticmethod
+    def loadGaps(job: WorkerJob) -> list[GapSuggestion]:
+        """The suggestions of a finished ``startGapRanking`` job, best first (then its folder is
+        removed); raises if it failed."""
+        try:
+            job.check()
+            return [GapSuggestion(int(row["slice"]), int(row["gap"][0]), int(row["gap"][1]), float(row["score"]))
+                    for row in job.result["suggestions"]]
+        finally:
+            job.cleanup()
+
+    def suggestGaps(self, volumeNode, segmentationNode, axis: str = "axial", count: int = 5,
+                    onEvents: Optional[OnEvents] = None, tableNode=None) -> tuple[list[GapSuggestion], object]:
+        """All steps in one call, waiting for the worker: (suggestions, table node); the slice views
+        land on the first suggestion."""
+        job = self.startGapRanking(volumeNode, segmentationNode, axis, count)
+        job.wait(on_events=onEvents)
+        gaps = self.loadGaps(job)
+        return gaps, self.showGaps(gaps, volumeNode, axis, tableNode)
+
+    def showGaps(self, gaps: Sequence[GapSuggestion], volumeNode, axis: str, tableNode=None):
+        """The suggestions as a table (refilling ``tableNode`` if given), the slice views on the first."""
+        scene = volumeNode.GetScene()
+        if tableNode is None or not scene.IsNodePresent(tableNode):
+            tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(
+                f"{volumeNode.GetName()} slices to paint"))
+        columns = (vtk.vtkIntArray(), vtk.vtkIntArray(), vtk.vtkIntArray(), vtk.vtkIntArray(), vtk.vtkDoubleArray())
+        for column, title in zip(columns, GAP_TABLE_COLUMNS):
+            column.SetName(f"{axis} {title}" if title == "slice" else title)
+        for rank, gap in enumerate(gaps, start=1):
+            for column, value in zip(columns, (rank, gap.slice, gap.low, gap.high, gap.score)):
+                column.InsertNextValue(value)
+        table = vtk.vtkTable()
+        for column in columns:
+            table.AddColumn(column)
+        tableNode.SetAndObserveTable(table)
+        if gaps:
+            self.jumpToSlice(volumeNode, axis, gaps[0].slice)
+        return tableNode
 
     # --- scene --------------------------------------------------------------------------------
 

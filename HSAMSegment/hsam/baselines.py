@@ -47,6 +47,15 @@ def flow_propagation(image: np.ndarray, labels: np.ndarray, annotated: Sequence[
     along the optical flow between neighbouring slices; ``modality`` ``ct`` or ``mr`` sets the
     intensities the flow sees (default: told from the image). The annotated slices come out unchanged.
     ``progress(fraction, message)`` is called after every slice."""
+    propagation, values = flow_propagator(image, labels, annotated, axis, modality)
+    out = np.concatenate([[0], values]).astype(labels.dtype)[propagation.volume(progress)]
+    return np.moveaxis(out, 0, axis)
+
+
+def flow_propagator(image: np.ndarray, labels: np.ndarray, annotated: Sequence[int], axis: int = 0,
+                    modality: Optional[str] = None):
+    """(``hsam.guidance.flow.FlowPropagation`` of the ``annotated`` slices along ``axis``, the label
+    values of its classes 1…K), for ``flow_propagation``'s arguments."""
     from .guidance.flow import FlowPropagation, flow_images, modality_of
 
     chosen = _check_annotated(labels, annotated, axis)
@@ -61,8 +70,7 @@ def flow_propagation(image: np.ndarray, labels: np.ndarray, annotated: Sequence[
     lookup[values] = np.arange(1, len(values) + 1)
     class_labels = lookup[np.moveaxis(labels, axis, 0)]
     propagation = FlowPropagation(flow_images(slices, modality or modality_of(slices)), class_labels, chosen, len(values))
-    out = np.concatenate([[0], values]).astype(labels.dtype)[propagation.volume(progress)]
-    return np.moveaxis(out, 0, axis)
+    return propagation, values
 
 
 def fill_between_slices(labels: np.ndarray, annotated: Sequence[int], axis: int = 0) -> np.ndarray:

@@ -5,7 +5,7 @@ Exit status: 0 on success, 2 for bad input or an impossible request (one ``hsam:
 with Ctrl-C. Arguments, paths and model files are checked before torch is imported, so ``--help``,
 ``info`` and bad input answer at once. Warnings from HSAM are one ``hsam: warning: ...`` line each;
 other libraries' warnings are not shown.
-``segment``, ``finetune`` and ``download`` take ``--progress json`` for programs that follow them
+``segment``, ``propagate``, ``suggest``, ``finetune`` and ``download`` take ``--progress json`` for programs that follow them
 (``hsam.progress``: one JSON object per line on stdout).
 """
 
@@ -363,34 +363,109 @@ def _annotated_slices(text: Optional[str], volume, axis: str) -> list[int]:
     return annotated_slices(labels, axis)
 
 
-def _suggest(args: argparse.Namespace) -> None:
-    from .bundle import load_bundle
-    from .inference import segment_volume, select_device
-    from .io import read_volume
-    from .suggest import SpreadRule, suggest_slices
+MODEL_ONLY_OPTIONS = ("min_distance", "slices", "sam_checkpoint")
 
+
+def _suggest(args: argparse.Namespace) -> None:
     if args.csv is not None:
         _check_output(Path(args.csv), args.overwrite, (".csv",), "CSV file")
     for path, what in ((args.volume, "volume"), (args.model, "model"), (args.sam_checkpoint, "SAM checkpoint")):
         _check_input(path, what)
+    if args.model is None:
+        _suggest_gaps(args)
+    else:
+        if args.modality is not None:
+            raise InputError("--modality sets what the flow ranking sees: it applies without -m only")
+        _suggest_uncertain(args)
+
+
+def _suggest_gaps(args: argparse.Namespace) -> None:
+    """Without a model: the middle slices of the gaps between annotated slices where the two
+    directions of flow propagation disagree most (``hsam.guidance.gaps``)."""
+    given = [name for name in MODEL_ONLY_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} needs a model (-m); without one the gaps are ranked by flow")
+    if args.annotated is None:
+        raise InputError("without a model (-m), give the annotations with --annotated LABELS (a labelmap or .seg.nrrd)")
+    if all(part.strip().isdigit() for part in args.annotated.split(",")):
+        raise InputError("without a model, --annotated must be the annotations (a labelmap or .seg.nrrd), not slice "
+                         "indices: the flow ranking carries their labels")
+    _check_input(args.annotated, "annotations")
+    check_distinct([args.csv], [args.volume, args.annotated])
+    axis_name = args.axis or "axial"
+    with _progress(args, "ranking gaps", "load", enabled=not args.json) as bar:
+        from .baselines import flow_propagator
+        from .guidance.gaps import rank_gaps
+        from .guidance.priors import annotated_slices
+        from .io import read_labelmap, read_volume
+
+        volume = read_volume(args.volume)
+        labels, _ = read_labelmap(args.annotated, reference=volume)
+        axis = SLICE_AXES[axis_name]
+        annotated = annotated_slices(labels, axis)
+        if len(annotated) < 2:
+            raise InputError(f"{printable(Path(args.annotated).name)} has {len(annotated)} annotated {axis_name} "
+                             "slice: ranking the gaps between annotated slices needs at least two")
+        if all(high - low == 1 for low, high in zip(annotated, annotated[1:])):
+            raise InputError(f"no {axis_name} slice lies between two annotated slices ({', '.join(map(str, annotated))})")
+        propagation, _ = flow_propagator(volume.array, labels, annotated, axis, args.modality)
+        bar.start("rank", f"carrying {len(annotated)} annotated {axis_name} slices both ways")
+        gaps = rank_gaps(propagation, args.count, progress=bar)
+    rows = [{"rank": rank, "slice": gap.slice, "gap": [gap.low, gap.high], "score": round(gap.score, 3)}
+            for rank, gap in enumerate(gaps, start=1)]
+    if args.csv is not None:
+        lines = "".join(f"{r['rank']},{axis_name},{r['slice']},{r['gap'][0]},{r['gap'][1]},{r['score']:.3f}\n" for r in rows)
+        write_bytes_atomic(args.csv, ("rank,axis,slice,gap_low,gap_high,score\n" + lines).encode("utf-8"), overwrite=True)
+    summary = (f"{len(rows)} gaps between annotated {axis_name} slices, ranked by the disagreement (voxels) of flow "
+               "propagation from below and from above")
+    _report_suggestions(args, bar, axis_name, "flow", annotated, rows, summary)
+
+
+def _suggest_uncertain(args: argparse.Namespace) -> None:
+    """With a model: the slices where it is least sure, spread over the volume."""
+    from .bundle import load_bundle, read_bundle_metadata
+    from .inference import segment_volume, select_device
+    from .io import read_volume
+    from .suggest import SpreadRule, suggest_slices
+
+    metadata = read_bundle_metadata(args.model)
+    if args.axis is not None and args.axis != metadata.slice_axis:
+        raise InputError(f"{Path(args.model).name} scores {metadata.slice_axis} slices, not --axis {args.axis}")
     device = select_device(args.device)
     volume = read_volume(args.volume)
     model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
     annotated = _annotated_slices(args.annotated, volume, metadata.slice_axis)
-    with _ProgressBar(f"scoring slices on {device.type}") as bar:
+    with _progress(args, f"scoring slices on {device.type}", "segment", enabled=not args.json) as bar:
         result = segment_volume(
             model, volume, metadata, device=device, batch_size=args.batch_size, slice_range=args.slices,
             progress=bar, uncertainty=args.signal,
         )
     picks = suggest_slices(result.slice_scores, args.count, annotated, SpreadRule(min_distance=args.min_distance))
-    print(f"{'rank':>4} {metadata.slice_axis + ' slice':>14} {'uncertainty':>11}", file=sys.stderr)
-    for rank, index in enumerate(picks, start=1):
-        print(f"{rank:>4} {index:>14} {result.slice_scores[index]:>11.4f}", file=sys.stderr)
+    rows = [{"rank": rank, "slice": index, "score": round(float(result.slice_scores[index]), 6)}
+            for rank, index in enumerate(picks, start=1)]
     if args.csv is not None:
-        rows = "".join(f"{rank},{metadata.slice_axis},{index},{result.slice_scores[index]:.6f}\n"
-                       for rank, index in enumerate(picks, start=1))
-        write_bytes_atomic(args.csv, ("rank,axis,slice,score\n" + rows).encode("utf-8"), overwrite=True)
-    print(",".join(map(str, picks)))
+        lines = "".join(f"{r['rank']},{metadata.slice_axis},{r['slice']},{r['score']:.6f}\n" for r in rows)
+        write_bytes_atomic(args.csv, ("rank,axis,slice,score\n" + lines).encode("utf-8"), overwrite=True)
+    summary = f"{len(rows)} {metadata.slice_axis} slices where {Path(args.model).name} is least sure ({args.signal})"
+    _report_suggestions(args, bar, metadata.slice_axis, "uncertainty", annotated, rows, summary)
+
+
+def _report_suggestions(args: argparse.Namespace, bar, axis: str, ranking: str, annotated: list[int],
+                        rows: list[dict], summary: str) -> None:
+    """``--json``: one object on stdout; ``--progress json``: the result event holds it; else a table
+    on stderr and the slices, comma-separated, on stdout."""
+    report = {"axis": axis, "ranking": ranking, "annotated": annotated, "suggestions": rows}
+    if args.json:
+        print(json.dumps(report))
+    elif isinstance(bar, JsonProgress):
+        bar.result(summary, **report)
+    else:
+        print(summary, file=sys.stderr)
+        print(f"{'rank':>4} {axis + ' slice':>14} {'gap':>11} {'score':>12}", file=sys.stderr)
+        for r in rows:
+            gap = f"{r['gap'][0]}–{r['gap'][1]}" if "gap" in r else ""
+            print(f"{r['rank']:>4} {r['slice']:>14} {gap:>11} {r['score']:>12.4f}", file=sys.stderr)
+        print(",".join(str(r["slice"]) for r in rows))
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -768,25 +843,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "suggest", help="which slices to annotate next",
-        description="Segment VOLUME with an HSAM model and print the N slices (along the model's slice axis) "
-        "where the model is least sure, spread over the volume and skipping the annotated ones, most useful "
-        "first: a comma-separated line on stdout, a table with the scores on stderr.",
+        description="Print the N slices of VOLUME to annotate next, most useful first: a comma-separated line on "
+        "stdout and a table with the scores on stderr (--json: one JSON object). Without a model, the gaps between "
+        "the annotated slices of --annotated are ranked by how much flow propagation from the slice below and from "
+        "the slice above disagree there (seconds, no PyTorch), and the middle slice of each of the N first is "
+        "suggested; the slices beyond the first and the last annotated slice are not ranked. With -m, the slices "
+        "where the model is least sure, spread over the volume and skipping the annotated ones.",
     )
     p.add_argument("volume", help="image volume")
-    p.add_argument("-m", "--model", required=True, help="model bundle (.hsam)")
+    p.add_argument("-m", "--model", help="model bundle (.hsam): rank by its uncertainty instead of the flow")
     p.add_argument("-n", "--count", type=_positive(int), default=5, help="number of slices to suggest (default: 5)")
     p.add_argument("--annotated", metavar="LABELS|I,J,...",
-                   help="slices already annotated: a labelmap or .seg.nrrd on the volume's grid, or slice indices")
+                   help="the annotations: a labelmap or .seg.nrrd on the volume's grid (needed without -m); with -m "
+                   "slice indices will do")
+    p.add_argument("--axis", choices=tuple(SLICE_AXES),
+                   help="the annotated slices' axis (default: axial; with -m the model's)")
+    p.add_argument("--modality", choices=("ct", "mr"),
+                   help="without -m, intensities the flow sees: ct = a −200…300 HU window, mr = the 1st–99th "
+                   "percentiles (default: ct when the volume holds air in Hounsfield units, else mr)")
     p.add_argument("--min-distance", type=int, metavar="SLICES",
-                   help="keep suggestions at least this many slices from each other and from annotated slices "
-                   "while possible (default: half the spacing of evenly spread annotations)")
+                   help="with -m, keep suggestions at least this many slices from each other and from annotated "
+                   "slices while possible (default: half the spacing of evenly spread annotations)")
     uncertainty_signal_option(p, "--signal")
-    p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST", help="consider only these slices")
-    p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice and score as CSV")
+    p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST", help="with -m, consider only these slices")
+    p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice (the gap) and score as CSV")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (axis, ranking, annotated, suggestions: rank, slice, gap, score) "
+                   "instead of lines for people")
     device_option(p)
     p.add_argument("--batch-size", type=_positive(int), default=4, help="slices per forward pass (default: 4)")
     p.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM weights of the model (default: the cache)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
+    progress_option(p)
     p.set_defaults(run=_suggest)
 
     p = commands.add_parser(

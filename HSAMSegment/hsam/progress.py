@@ -58,9 +58,13 @@ class JsonProgress:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe values: paths as strings, NaN and infinities as null."""
+    """JSON-safe values: paths as strings, NaN and infinities as null, lists and dicts of such values."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
     return str(value)
