@@ -247,7 +247,7 @@ def test_cli_segments_guided_and_prompt_free(phantom, guided_bundle, tmp_path):
     info = _hsam("info", str(path))
     assert "guided (prior: linear" in info.stdout
     choice = load_bundle(path)[1].guidance["choice"]
-    assert f"ellipsoid                {'#e64d33'}  keeps {choice[0]} (Dice on 1 held-out slices" in info.stdout
+    assert f"ellipsoid                #e64c33  keeps {choice[0]} (Dice on 1 held-out slice: prior " in info.stdout
 
 
 def test_cli_refuses_bad_annotations_in_one_line(phantom, guided_bundle, tmp_path):

@@ -704,7 +704,8 @@ def _class_choice(guidance: Optional[dict], index: int) -> str:
     scores = ", ".join(f"{source} {'–' if d[index] is None else f'{d[index]:.3f}'}"
                        for source, d in dice.items() if source != "chosen")
     slices = guidance.get("selection", {}).get("slices")
-    return f"  keeps {guidance['choice'][index]}" + (f" (Dice on {slices} held-out slices: {scores})" if scores else "")
+    held_out = f"{slices} held-out slice{'' if slices == 1 else 's'}"
+    return f"  keeps {guidance['choice'][index]}" + (f" (Dice on {held_out}: {scores})" if scores else "")
 
 
 def _download(args: argparse.Namespace) -> None:
