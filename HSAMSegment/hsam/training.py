@@ -532,32 +532,22 @@ def _source_logits(model: HSAM, images: torch.Tensor, priors: torch.Tensor, devi
 
 def choose_sources(logits: dict[str, torch.Tensor], targets: torch.Tensor) -> list[str]:
     """A source of ``CHOICE_SOURCES`` per class, for logits (N, K+1, H, W) per source on slices with
-    labels ``targets`` (N, H, W): the combination (``combine_sources``) with the highest mean Dice
-    whose Dice for every class is at least the prior's alone. Search: the prior everywhere, then each
-    other source everywhere, then one class at a time (two passes); a change is kept only when it
-    raises the mean. A class in neither the output nor the slices scores 1."""
+    labels ``targets`` (N, H, W). Per class, the guided output where it scores a higher Dice than the
+    prior alone, else the prior (the two share one scale: guided = prior + correction). The prompt-free
+    output, on a scale of its own, is kept only for every class at once: where no class scores below
+    the prior and its mean beats the per-class choice. A class in neither output nor slices scores 1."""
     classes = logits["prior"].shape[1] - 1
 
     def scores(choice: list[str]) -> np.ndarray:
         dice = _class_dice(combine_sources(logits, choice).argmax(1), targets, classes)
         return np.array([1.0 if d is None else d for d in dice])
 
-    best = ["prior"] * classes
-    floor = best_scores = scores(best)
-
-    def consider(candidate: list[str]) -> None:
-        nonlocal best, best_scores
-        candidate_scores = scores(candidate)
-        if (candidate_scores >= floor).all() and candidate_scores.mean() > best_scores.mean():
-            best, best_scores = candidate, candidate_scores
-
-    for name in CHOICE_SOURCES[1:]:
-        consider([name] * classes)
-    for _ in range(2):
-        for k in range(classes):
-            for name in CHOICE_SOURCES:
-                consider(best[:k] + [name] + best[k + 1 :])
-    return best
+    prior, guided = scores(["prior"] * classes), scores(["guided"] * classes)
+    choice = ["guided" if g > p else "prior" for g, p in zip(guided, prior)]
+    prompt_free = scores(["prompt-free"] * classes)
+    if (prompt_free >= prior).all() and prompt_free.mean() > scores(choice).mean():
+        return ["prompt-free"] * classes
+    return choice
 
 
 def select_sources(model: HSAM, images: torch.Tensor, targets: torch.Tensor, priors: torch.Tensor,
