@@ -35,7 +35,7 @@ def test_a_guided_model_segments_its_volume_from_the_painted_slices(scene, paint
     config = trainer.makeConfig("tiny", epochs=1, batchSize=2, device="cpu", imageSize=224)
     assert "--guided" in config.arguments()
     bundle = trainer.finetune(volume, painting, "guided", config, modelsFolder=tmp_path)
-    assert models.read_model(bundle).metadata["guidance"]["prior"] == "linear"
+    assert models.read_model(bundle).metadata["guidance"]["prior"] == "flow"
 
     segmenter = HSAMSegmentLogic()
     assert segmenter.defaultAnnotations(volume, bundle) is painting
