@@ -155,14 +155,23 @@ def test_segmentation_applies_the_choice_per_class(fresh_flows):
     np.testing.assert_array_equal(prompt_free[unannotated], free[unannotated])
 
 
-def test_combined_sources_are_a_single_source_where_all_classes_agree():
+def test_combined_sources_take_each_class_where_its_source_puts_it():
     torch.manual_seed(0)
     sources = {name: torch.randn(2, 4, 8, 8) * 3 for name in CHOICE_SOURCES}
     for name in CHOICE_SOURCES:
-        combined = combine_sources(sources, [name] * 3)
-        assert torch.equal(combined.argmax(1), sources[name].argmax(1))
-    mixed = combine_sources(sources, ["prior", "guided", "prompt-free"])
-    assert torch.equal(mixed[:, 2], sources["guided"][:, 2] - sources["guided"][:, 0])
+        assert torch.equal(combine_sources(sources, [name] * 3), sources[name])
+    choice = ["prior", "guided", "prompt-free"]
+    combined = combine_sources(sources, choice).argmax(1)
+    claims = torch.stack([sources[name].argmax(1) == k for k, name in enumerate(choice, start=1)])
+    for k in range(1, 4):
+        alone = claims[k - 1] & (claims.sum(0) == 1)  # only class k's source puts a class there
+        assert torch.equal(combined[alone], torch.full_like(combined[alone], k))
+    assert (combined[claims.sum(0) == 0] == 0).all()  # no source puts its class there: background
+    several = claims.sum(0) > 1
+    assert several.any() and all(bool(claims[c - 1][several.nonzero()[i].unbind()]) for i, c in
+                                 enumerate(combined[several].tolist()))  # a class whose source put it there
+    larger_scale = {**sources, "prompt-free": sources["prompt-free"] * 100}  # scales do not matter
+    assert torch.equal(combine_sources(larger_scale, choice).argmax(1)[~several], combined[~several])
 
 
 def test_the_choice_never_keeps_an_output_below_the_prior():

@@ -194,14 +194,25 @@ def _forward(
     return combine_sources(sources, choice), voxels
 
 
+UNCLAIMED = -1e4  # the score of a class no source puts at a pixel
+
+
 def combine_sources(sources: dict[str, torch.Tensor], choice: Sequence[str]) -> torch.Tensor:
-    """(B, K+1, H, W) logits whose class k comes from ``sources[choice[k − 1]]``, as that source's
-    log-odds of k against the background (channel 0 is 0). Where every class has the same source
-    the arg-max is that source's."""
+    """(B, K+1, H, W) scores whose arg-max is the labelmap that takes each class k from
+    ``sources[choice[k − 1]]``. Where every class has one source, that source's logits as they are.
+    Mixed, each source speaks only through its own arg-max, as logits of different scales cannot be
+    compared: a pixel gets class k where k's source puts k; where several classes are put, the one
+    its source is surest of (log-probability); where none is, the background. Probabilities of the
+    result are then one-hot."""
+    if len(set(choice)) == 1:
+        return sources[choice[0]]
     first = next(iter(sources.values()))
-    out = torch.zeros_like(first)
+    out = torch.full_like(first, UNCLAIMED)
     for k, name in enumerate(choice, start=1):
-        out[:, k] = sources[name][:, k] - sources[name][:, 0]
+        log_probabilities = torch.log_softmax(sources[name], dim=1)
+        claimed = log_probabilities.argmax(1) == k
+        out[:, k] = torch.where(claimed, log_probabilities[:, k], out[:, k])
+    out[:, 0] = torch.where((out[:, 1:] > UNCLAIMED).any(1), out[:, 0], 0.0)
     return out
 
 
