@@ -54,7 +54,7 @@ class HSAMSegmentLogic:
         annotationsNode=None,
     ) -> WorkerJob:
         """Start segmenting ``volumeNode`` (read from the scene here, on the main thread); a guided
-        model corrects the interpolation of ``annotationsNode``'s annotated slices when given."""
+        model corrects the flow propagation of ``annotationsNode``'s annotated slices when given."""
         modelPath = Path(modelPath)
         if not modelPath.is_file():
             raise InputError(f"model file not found: {modelPath}")

@@ -812,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     uncertainty_signal_option(p, "--uncertainty-signal")
     p.add_argument("--annotations", metavar="LABELS",
                    help="guided models: this volume's annotated slices (.seg.nrrd or labelmap on its grid, segments "
-                   "named as the model's classes); they are interpolated into the prior the model corrects, and kept "
+                   "named as the model's classes); they are propagated into the prior the model corrects, and kept "
                    "exactly as drawn. Without it a guided model runs prompt-free")
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
@@ -925,9 +925,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing of the image encoder: less memory, more time "
                    "(default: on for vit_* on CUDA)")
     p.add_argument("--guided", nargs="?", const=DEFAULT_PRIOR, choices=PRIOR_KINDS, metavar="PRIOR",
-                   help="guided mode: each annotated slice is learned from the interpolation of the others (the "
+                   help="guided mode: each annotated slice is learned from the propagation of the others (the "
                    f"prior: {', '.join(PRIOR_KINDS)}; default {DEFAULT_PRIOR}), so that `hsam segment --annotations` "
-                   "corrects the interpolation of the user's slices; the model also runs prompt-free. Needs at "
+                   "corrects the propagation of the user's slices; the model also runs prompt-free. Needs at "
                    "least two annotated slices per volume")
     p.add_argument("--preview", metavar="FILE",
                    help="one volume: also segment it with the model in training, before the first step (a guided "
