@@ -18,13 +18,14 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from . import __version__
 from .errors import CheckpointError, InputError, printable
 from .files import Outputs, check_writable, write_bytes_atomic
 from .presets import (
     CHOICE_SOURCES,
+    REGISTRATION_MODES,
     CMATTN_MODES,
     INTENSITY_MODES,
     MAX_CLASSES,
@@ -35,7 +36,7 @@ from .presets import (
     SLICE_AXES,
     SUPPORTED_IMG_SIZES,
 )
-from .safetensors_header import SafetensorsHeader, read_header
+from .safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 from .sam_weights import SAM_CHECKPOINTS, cached_sha256, default_cache_dir
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ BUNDLE_SUFFIX = ".hsam"
 FORMAT_VERSION = 1
 METADATA_KEY = "hsam"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+ATLAS_PREFIX = "atlas."  # tensors atlas.<i>.image and atlas.<i>.labels (uint8), described in guidance.atlas.grids
 MAX_NAME_LENGTH = 1000
 
 # Distinct colours (RGB 0–1) for classes without a colour of their own.
@@ -67,7 +69,10 @@ class BundleMetadata:
     None for a prompt-free model; for a guided one {"prior": a PRIOR_KINDS name it learned with,
     "prompt_dropout": the share of training steps run prompt-free, "choice": per class, the
     CHOICE_SOURCES name segmentation keeps (absent: guided), "selection": {"slices": how many
-    held-out annotated slices the choice was made on, "dice": per source, the per-class Dice there}}."""
+    held-out annotated slices the choice was made on, "dice": per source, the per-class Dice there},
+    "atlas": with the training volumes' atlases, {"volumes": how many, "registration": a
+    REGISTRATION_MODES name, "choice" and "selection" as above for the atlas prior, "grids": per
+    atlas {"name", "spacing", "origin", "direction"}}}."""
 
     @property
     def guided(self) -> bool:
@@ -172,9 +177,31 @@ def _check_guidance(value: object, num_classes: object) -> None:
     dropout = value.get("prompt_dropout", 0.0)
     _require(_is_number(dropout) and 0 <= dropout <= 1, "guidance prompt_dropout must be from 0 to 1")
     choice = value.get("choice")
+    _check_choice(choice, num_classes, "guidance choice")
+    _check_atlas(value.get("atlas"), num_classes)
+
+
+def _check_choice(choice: object, num_classes: object, what: str) -> None:
     _require(choice is None or (isinstance(choice, list) and len(choice) == num_classes
                                 and all(c in CHOICE_SOURCES for c in choice)),
-             f"guidance choice must list one of {', '.join(CHOICE_SOURCES)} per class")
+             f"{what} must list one of {', '.join(CHOICE_SOURCES)} per class")
+
+
+def _check_atlas(value: object, num_classes: object) -> None:
+    if value is None:
+        return
+    _require(isinstance(value, dict) and _is_int(value.get("volumes")) and value["volumes"] >= 1
+             and value.get("registration") in REGISTRATION_MODES, "guidance atlas must give volumes and a registration")
+    _check_choice(value.get("choice"), num_classes, "guidance atlas choice")
+    grids = value.get("grids", [])
+    _require(isinstance(grids, list) and all(
+        isinstance(g, dict) and isinstance(g.get("name"), str) and _is_triple(g.get("spacing"))
+        and _is_triple(g.get("origin")) and isinstance(g.get("direction"), list) and len(g["direction"]) == 9
+        and all(_is_number(d) for d in g["direction"]) for g in grids), "guidance atlas grids are malformed")
+
+
+def _is_triple(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)
 
 
 REQUIRED_FIELDS = ("preset", "img_size", "num_classes", "class_names", "class_colors", "label_values", "preprocessing")
@@ -223,13 +250,18 @@ def _stored_state(model: HSAM, full: bool) -> dict[str, torch.Tensor]:
 
 
 def save_bundle(
-    path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite: bool = False, outputs: Optional[Outputs] = None
+    path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite: bool = False, outputs: Optional[Outputs] = None,
+    atlases: Sequence = (),
 ) -> Path:
-    """Write the bundle atomically (``hsam.files``; staged in ``outputs`` if given). Returns the path."""
+    """Write the bundle atomically (``hsam.files``; staged in ``outputs`` if given). Returns the path.
+    ``atlases`` (``hsam.guidance.atlas.Atlas``, a guided model's): stored with it, their grids in
+    ``metadata.guidance["atlas"]``."""
     from safetensors.torch import save
 
     path = Path(path)
     check_writable(path, overwrite or outputs is not None and outputs.overwrite)
+    if atlases:
+        metadata.guidance["atlas"]["grids"] = [atlas_grid(a) for a in atlases]
     try:
         validate_metadata(json.loads(metadata.to_json()))
     except ValueError as e:
@@ -239,12 +271,52 @@ def save_bundle(
         adapter.unmerge()
     try:
         state = _stored_state(model, full=metadata.base_checkpoint is None)
-        payload = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, {METADATA_KEY: metadata.to_json()})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        payload = save({**tensors, **_atlas_tensors(atlases)}, {METADATA_KEY: metadata.to_json()})
     finally:
         for adapter in merged:
             adapter.merge()
     write_bytes_atomic(path, payload, overwrite, outputs)
     return path
+
+
+def atlas_grid(atlas) -> dict:
+    """The geometry of an atlas as ``guidance.atlas.grids`` keeps it."""
+    image = atlas.image
+    return {"name": atlas.name, "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()),
+            "direction": list(image.GetDirection())}
+
+
+def _atlas_tensors(atlases: Sequence) -> dict:
+    import torch
+
+    tensors = {}
+    for index, atlas in enumerate(atlases):
+        image, labels = atlas.arrays
+        tensors[f"{ATLAS_PREFIX}{index}.image"] = torch.from_numpy(image)
+        tensors[f"{ATLAS_PREFIX}{index}.labels"] = torch.from_numpy(labels)
+    return tensors
+
+
+def atlas_bytes(header: SafetensorsHeader) -> int:
+    """The bytes a bundle's atlases take."""
+    return sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for k, t in header.tensors.items() if k.startswith(ATLAS_PREFIX))
+
+
+def read_atlases(path: PathLike) -> list:
+    """The ``hsam.guidance.atlas.Atlas`` list a bundle stores (empty without one)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .guidance.atlas import atlas_from_arrays
+
+    header, metadata = read_bundle(path)
+    grids = ((metadata.guidance or {}).get("atlas") or {}).get("grids", [])
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return [atlas_from_arrays(f.get_tensor(f"{ATLAS_PREFIX}{i}.image"), f.get_tensor(f"{ATLAS_PREFIX}{i}.labels"),
+                                      g["spacing"], g["origin"], g["direction"], g["name"]) for i, g in enumerate(grids)]
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{Path(path).name}: its atlases are unreadable ({e})") from None
 
 
 def read_bundle(path: PathLike) -> tuple[SafetensorsHeader, BundleMetadata]:
@@ -295,11 +367,11 @@ def check_stored_tensors(header: SafetensorsHeader, metadata: BundleMetadata, na
         skeleton = build_hsam(metadata.preset, metadata.num_classes, metadata.img_size, metadata.cmattn,
                               metadata.lora_rank, guided=metadata.guided)
     expected = {k: tuple(v.shape) for k, v in _stored_state(skeleton, full=metadata.base_checkpoint is None).items()}
-    stored = {k: t.shape for k, t in header.tensors.items()}
+    stored = {k: t.shape for k, t in header.tensors.items() if not k.startswith(ATLAS_PREFIX)}
     missing = sorted(set(expected) - set(stored))
     wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
     unexpected = sorted(set(stored) - set(expected))
-    not_float = sorted(k for k, t in header.tensors.items() if t.dtype not in FLOAT_DTYPES)
+    not_float = sorted(k for k, t in header.tensors.items() if t.dtype not in FLOAT_DTYPES and k in stored)
     if missing or wrong or unexpected or not_float:
         example = printable((missing or wrong or unexpected or not_float)[0], 100)
         raise CheckpointError(
@@ -337,7 +409,7 @@ def load_bundle(
         load_sam_weights(model, sam_weights, metadata.preset)
     try:
         with safe_open(str(path), framework="pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}
+            stored = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(ATLAS_PREFIX)}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{name} is truncated or corrupt ({e})") from None
     model.load_state_dict(stored, strict=False)

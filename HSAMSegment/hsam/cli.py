@@ -281,12 +281,13 @@ def _segment_volume(
     volume = read_volume(args.volume, series=args.series)
     annotations = _read_annotations(args.annotations, volume, metadata, args.model) if args.annotations else None
 
-    from .bundle import load_bundle
+    from .bundle import load_bundle, read_atlases
     from .inference import describe_device, resolve_precision, segment_volume, select_device
 
     device = select_device(args.device)
     resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
     model, metadata = load_bundle(args.model, sam_checkpoint=args.sam_checkpoint)
+    atlases = read_atlases(args.model) if metadata.guided and annotations is None else []
     started = time.monotonic()
     bar.start("segment", f"segmenting on {device.type}")
     result = segment_volume(
@@ -294,8 +295,12 @@ def _segment_volume(
         slice_range=args.slices, progress=bar, return_probabilities=probabilities,
         largest_component=args.largest_component,
         uncertainty=args.uncertainty_signal if args.uncertainty is not None else None, annotations=annotations,
+        atlases=atlases,
     )
-    mode = "guided by the annotations" if annotations is not None else "prompt-free"
+    for note in result.notes:
+        warnings.warn(note, HSAMWarning)
+    mode = {"annotations": "guided by the annotations",
+            "atlas": f"guided by its {len(atlases)} training volumes registered onto this one"}.get(result.prior, "prompt-free")
     summary = (f"{Path(args.model).name} ({metadata.preset}, {mode}; {printable(', '.join(metadata.class_names))}) "
                f"in {time.monotonic() - started:.1f} s on {describe_device(device)}")
     return volume, metadata, result, summary
@@ -530,9 +535,12 @@ def _finetune(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.checkpointing,
         validation_volumes=args.validation_volumes,
         guidance=args.guided,
+        atlas=args.atlas,
         stop=(lambda: Path(args.stop_file).exists()) if args.stop_file is not None else None,
     )
     main_process = is_main_process()
+    if args.atlas and args.guided is None:
+        raise InputError("--atlas keeps the training volumes for a guided model's prior: add --guided")
     with Outputs(args.overwrite) as outputs, _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
         if main_process:
             outputs.claim([output])
@@ -548,7 +556,7 @@ def _finetune(args: argparse.Namespace) -> None:
         result = finetune_cohort(cases, config, progress=on_step, preview=preview)
         if main_process:
             bar.start("save", f"saving {output.name}")
-            save_bundle(output, result.model, result.metadata, outputs=outputs)
+            save_bundle(output, result.model, result.metadata, outputs=outputs, atlases=result.atlases)
             outputs.publish()
     if main_process:
         training = result.metadata.training
@@ -556,6 +564,8 @@ def _finetune(args: argparse.Namespace) -> None:
         choice = (result.metadata.guidance or {}).get("choice")
         if choice:
             summary += "; kept " + ", ".join(f"{n}: {c}" for n, c in zip(result.metadata.class_names, choice))
+        if result.atlases:
+            summary += f"; atlas of {len(result.atlases)} volumes ({output.stat().st_size / 2**20:.1f} MB model file)"
         if isinstance(bar, JsonProgress):
             bar.result(summary, output=output)
         else:
@@ -666,15 +676,16 @@ def _info_sam(path: Path) -> None:
 
 
 def _info_bundle(path: Path) -> None:
-    from .bundle import read_bundle
+    from .bundle import ATLAS_PREFIX, atlas_bytes, read_bundle
 
     header, metadata = read_bundle(path)
-    stored = sum(tensor.numel for tensor in header.tensors.values())
+    weights = {k: t for k, t in header.tensors.items() if not k.startswith(ATLAS_PREFIX)}
+    stored = sum(tensor.numel for tensor in weights.values())
     base = metadata.base_checkpoint
     print(f"model:        {printable(path.name)}")
     print(f"preset:       {metadata.preset}, input {metadata.img_size}×{metadata.img_size}, CMAttn {metadata.cmattn}, "
           f"LoRA rank {metadata.lora_rank}")
-    print(f"weights:      {stored:,} values in {len(header.tensors)} tensors"
+    print(f"weights:      {stored:,} values in {len(weights)} tensors"
           + (f", on the frozen SAM {metadata.preset} image encoder" if base else ""))
     print(f"slice axis:   {metadata.slice_axis}; preprocessing {json.dumps(metadata.preprocessing)}")
     print("base weights: " + (f"{printable(base['name'])} (sha256 {base['sha256'][:12]}…)" if base
@@ -683,21 +694,26 @@ def _info_bundle(path: Path) -> None:
     print("mode:         " + (f"guided (prior: {guidance['prior']}; prompt-free on "
                               f"{guidance.get('prompt_dropout', 0):.0%} of the training steps)" if guidance
                               else "prompt-free"))
+    atlas = (guidance or {}).get("atlas")
+    if atlas:
+        print(f"atlas:        {atlas['volumes']} training volumes ({atlas_bytes(header) / 2**20:.1f} MB), registered "
+              f"({atlas['registration']}) onto a volume segmented without annotations")
     print("classes:")
     for index, (name, value, color, term) in enumerate(zip(
         metadata.class_names, metadata.label_values, metadata.class_colors, metadata.terminology
     )):
         rgb = "#" + "".join(f"{round(255 * c):02x}" for c in color)
         print(f"  {value:>5}  {printable(name):<24} {rgb}" + (f"  {printable(term)}" if term else "")
-              + _class_choice(guidance, index))
+              + _class_choice(guidance, index) + _class_choice(atlas, index, " with the atlas"))
     if metadata.training:
         print("training:")
         for key, value in metadata.training.items():
             print(f"  {printable(key, 60)}: {printable(json.dumps(value))}")
 
 
-def _class_choice(guidance: Optional[dict], index: int) -> str:
-    """What a guided model keeps for class ``index`` and the Dice of each source that chose it."""
+def _class_choice(guidance: Optional[dict], index: int, where: str = "") -> str:
+    """What a guided model keeps for class ``index`` (``where``: with which prior) and the Dice of each
+    source that chose it."""
     if not guidance or "choice" not in guidance:
         return ""
     dice = guidance.get("selection", {}).get("dice", {})
@@ -705,7 +721,7 @@ def _class_choice(guidance: Optional[dict], index: int) -> str:
                        for source, d in dice.items() if source != "chosen")
     slices = guidance.get("selection", {}).get("slices")
     held_out = f"{slices} held-out slice{'' if slices == 1 else 's'}"
-    return f"  keeps {guidance['choice'][index]}" + (f" (Dice on {held_out}: {scores})" if scores else "")
+    return f"  keeps {guidance['choice'][index]}{where}" + (f" (Dice on {held_out}: {scores})" if scores else "")
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -929,6 +945,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"prior: {', '.join(PRIOR_KINDS)}; default {DEFAULT_PRIOR}), so that `hsam segment --annotations` "
                    "corrects the propagation of the user's slices; the model also runs prompt-free. Needs at "
                    "least two annotated slices per volume")
+    p.add_argument("--atlas", action="store_true",
+                   help="guided: keep every training volume with its labels completed from its annotated slices "
+                   "(3 mm grid, some MB each) in the model file, so that `hsam segment` without --annotations "
+                   "registers them onto a new volume as its prior; with several volumes the model also learns to "
+                   "correct that prior, each volume's built from the others")
     p.add_argument("--preview", metavar="FILE",
                    help="one volume: also segment it with the model in training, before the first step (a guided "
                    "model gives its prior) and then every --preview-interval seconds, replacing FILE (.seg.nrrd or "

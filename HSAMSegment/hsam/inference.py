@@ -11,7 +11,7 @@ import contextlib
 import os
 import platform
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
 from .errors import Cancelled, HSAMError, InputError
+from .guidance.atlas import Atlas, atlas_prior
 from .guidance.flow import flow_images, modality_of
 from .guidance.priors import SlicePrior, annotated_slices, volume_class_labels
 from .modeling.hsam import HSAM
@@ -37,12 +38,16 @@ class SegmentationResult:
     """labels: (z, y, x) with the bundle's label values (0 = background); probabilities: (C+1, z, y, x)
     float16 softmax, channel 0 the background, when requested; uncertainty: (z, y, x) float32 in
     [0, 1] and slice_scores: (slices along the bundle's axis,) float64, NaN outside the segmented
-    range, when requested (see ``hsam.uncertainty``)."""
+    range, when requested (see ``hsam.uncertainty``); prior: what a guided model corrected
+    (``annotations``, ``atlas``; None: prompt-free); notes: warnings for the user (classes found
+    nowhere), one line each."""
 
     labels: np.ndarray
     probabilities: Optional[np.ndarray] = None
     uncertainty: Optional[np.ndarray] = None
     slice_scores: Optional[np.ndarray] = None
+    prior: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ devices
@@ -262,6 +267,42 @@ class _AnnotationGuide:
         labels[self.annotated] = annotations[self.annotated]
 
 
+class _AtlasGuide:
+    """The prior of every slice along ``axis`` from the training volumes' atlases registered onto the volume."""
+
+    def __init__(self, volume, atlases: list[Atlas], metadata, axis: int, report: Progress, cancel) -> None:
+        settings = metadata.guidance["atlas"]
+        self.prior = atlas_prior(volume, atlases, metadata.num_classes, axis, settings["registration"],
+                                 progress=lambda fraction, message: report(0.0, message), cancel=cancel)
+        self.choice = settings.get("choice")
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.prior.logits(i) for i in range(start, stop)]))
+
+    def restore(self, labels: np.ndarray, lookup: np.ndarray, classes: list[int]) -> None:
+        """Where ``labels`` (slices on axis 0) hold none of ``classes`` (indices), the prior's arg-max
+        puts them on the background."""
+        for index in range(len(labels)):
+            prior = self.prior.class_indices(index)
+            empty = labels[index] == 0
+            for k in classes:
+                labels[index][empty & (prior == k)] = lookup[k]
+
+
+def classes_in_every_volume(metadata) -> list[int]:
+    """Indices (1…K) of the classes every training volume of the model has."""
+    cases = metadata.training.get("cases") or []
+    names = metadata.class_names
+    return [k for k, name in enumerate(names, start=1)
+            if cases and all(case.get("labelled_voxels", {}).get(name, 0) > 0 for case in cases)]
+
+
+def _atlas_guide(model: HSAM, metadata, atlases: Sequence[Atlas], volume, axis: int, report: Progress, cancel):
+    if not atlases or not metadata.guided or not model.guided or "atlas" not in metadata.guidance:
+        return None
+    return _AtlasGuide(volume, list(atlases), metadata, axis, report, cancel)
+
+
 def _annotation_prior(model: HSAM, metadata, annotations: Optional[np.ndarray], array: np.ndarray, axis: int):
     if annotations is None:
         return None
@@ -289,6 +330,7 @@ def segment_volume(
     largest_component: bool = False,
     uncertainty: Optional[str] = None,
     annotations: Optional[np.ndarray] = None,
+    atlases: Sequence[Atlas] = (),
 ) -> SegmentationResult:
     """Segment ``volume`` (an ``hsam.io.Volume``) with ``model`` and its ``BundleMetadata``.
 
@@ -302,8 +344,12 @@ def segment_volume(
     ``annotations``: a labelmap of the model's label values on the volume's grid, for guided models:
     its annotated slices (any label along the model's axis) are propagated into the prior the model
     corrects (the bundle's prior kind), each class is taken from the source the model chose for it in
-    training (prior, guided or prompt-free), and the annotated slices come out exactly as drawn. A
-    guided model without annotations runs prompt-free.
+    training (prior, guided or prompt-free), and the annotated slices come out exactly as drawn.
+    ``atlases`` (``hsam.bundle.read_atlases``): without annotations, a guided model corrects their
+    registration onto the volume instead (the atlas prior), each class from the source chosen for it;
+    without either, it runs prompt-free. A class that every training volume has and the result lacks
+    is named in the result's notes and, with atlases, taken from the atlas prior; a guided model that
+    finds none of them without annotations or atlases raises ``InputError``.
     """
     array = np.asarray(volume.array)
     _check_volume(array)
@@ -321,6 +367,12 @@ def segment_volume(
     report = progress or (lambda fraction, message: None)
     guide = _annotation_prior(model, metadata, annotations, array, axis)
     choice = metadata.guidance.get("choice") if guide is not None else None
+    prior_source = "annotations" if guide is not None else None
+    if guide is None:
+        guide = _atlas_guide(model, metadata, atlases, volume, axis, report, cancel)
+        if guide is not None:
+            choice, prior_source = guide.choice, "atlas"
+    notes = []
 
     lookup = np.array([0, *metadata.label_values], dtype=_label_dtype(metadata.label_values))
     labels = np.zeros(array.shape, dtype=lookup.dtype)
@@ -381,10 +433,31 @@ def segment_volume(
 
     if largest_component:
         keep_largest_components(labels, metadata.label_values, cancel)
-    if guide is not None:
+    if isinstance(guide, _AnnotationGuide):
         guide.keep_annotated(labels_slices, np.moveaxis(annotations, axis, 0))
+    elif slice_range is None:
+        notes += _missing_classes(model, metadata, guide, labels_slices, lookup)
     scores = None
     if uncertainty_map is not None:
         scores = slice_scores(uncertainty_map, axis)
         scores[:start] = scores[stop:] = np.nan
-    return SegmentationResult(labels, probabilities, uncertainty_map, scores)
+    return SegmentationResult(labels, probabilities, uncertainty_map, scores, prior_source, notes)
+
+
+def _missing_classes(model: HSAM, metadata, guide: Optional[_AtlasGuide], labels: np.ndarray,
+                     lookup: np.ndarray) -> list[str]:
+    """Notes on the classes every training volume has and ``labels`` lacks; with an atlas ``guide``,
+    they are taken from its prior. A guided model without one that finds none raises ``InputError``."""
+    expected = classes_in_every_volume(metadata)
+    found = set(np.unique(labels).tolist())
+    missing = [k for k in expected if int(lookup[k]) not in found]
+    if not missing:
+        return []
+    names = ", ".join(metadata.class_names[k - 1] for k in missing)
+    if guide is not None:
+        guide.restore(labels, lookup, missing)
+        return [f"the model found no {names}, which every training volume has: kept the atlas prior for it"]
+    if metadata.guided and len(missing) == len(expected):
+        raise InputError("this guided model found none of its classes without annotations: paint a few slices "
+                         "(--annotations), or fine-tune it with --atlas so that it segments new volumes")
+    return [f"the model found no {names}, which every training volume has"]

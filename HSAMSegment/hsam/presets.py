@@ -12,6 +12,8 @@ PRIOR_KINDS = ("flow", "linear", "nearest", "fill", "distance")
 DEFAULT_PRIOR = "flow"
 # What a guided model keeps per class: its prior, its guided output or its prompt-free output.
 CHOICE_SOURCES = ("prior", "guided", "prompt-free")
+# How atlases are registered onto a new volume (hsam.guidance.atlas).
+REGISTRATION_MODES = ("deformable", "affine", "none")
 # Slice axis name -> axis of a (z, y, x) array.
 SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 MAX_CLASSES = 255

@@ -50,6 +50,7 @@ from .checkpoint import load_sam_weights
 from .continuation import align_to_base
 from .errors import Cancelled, CheckpointError, InputError
 from .files import write_bytes_atomic
+from .guidance.atlas import Atlas, AtlasPrior, atlas_prior, make_atlas
 from .guidance.augment import mix_own_priors, perturb_priors
 from .guidance.flow import flow_images, modality_of
 from .guidance.priors import SlicePrior, annotated_slices
@@ -76,6 +77,7 @@ POLY_POWER = 0.9
 REFERENCE_WARMUP = 250
 WARMUP_FRACTION = 0.1
 DEFAULT_PROMPT_DROPOUT = 0.2
+ATLAS_SHARE = 0.5  # of a guided model's training priors taken from the other volumes' atlases
 VALIDATION_FRACTION = 0.15
 MIN_SLICES_FOR_VALIDATION = 6
 STATE_KEY = "hsam_training_state"
@@ -96,7 +98,11 @@ class FinetuneConfig:
     ``validation_volumes``: in a cohort, hold out the last N volumes whole for validation instead of
     ~15 % of the slices. ``guidance``: train a guided model with priors of this kind
     (``hsam.guidance.priors``; a guided base model keeps its own); ``prompt_dropout``: the share of
-    its steps run prompt-free, so that it also segments without annotations. ``stop``: called before
+    its steps run prompt-free, so that it also segments without annotations. ``atlas`` (guided): keep
+    every volume's atlas (``hsam.guidance.atlas``: its image and labels completed from its annotated
+    slices, on a 3 mm grid) with the model, so that it segments volumes nobody painted; with several
+    volumes, ``ATLAS_SHARE`` of the priors it learns from are the other volumes registered onto each
+    (leave-one-volume-out), and the sources it keeps are chosen on those too. ``stop``: called before
     each step; once it returns True, training ends as when the time budget is spent (after at least
     one step, the model kept), e.g. to continue at once with more annotations."""
 
@@ -125,6 +131,7 @@ class FinetuneConfig:
     gradient_checkpointing: Optional[bool] = None
     guidance: Optional[str] = None
     prompt_dropout: float = DEFAULT_PROMPT_DROPOUT
+    atlas: bool = False
     stop: Optional[Callable[[], bool]] = None
 
 
@@ -170,6 +177,7 @@ class FinetuneResult:
     metadata: BundleMetadata
     history: list[dict]
     state: Optional[TrainingState] = field(repr=False, default=None)
+    atlases: list[Atlas] = field(repr=False, default_factory=list)
 
     def save_training_state(self, path: PathLike) -> Path:
         """Write the state at the end of the run (last, not best, weights) for ``FinetuneConfig.resume``."""
@@ -652,8 +660,8 @@ class _Loop:
         self.class_names = class_names
         self.train_images, self.train_targets, *train_priors = data.train
         self.val_images, self.val_targets, *val_priors = data.validation
-        self.train_priors = train_priors[0] if train_priors else None
-        self.val_priors = val_priors[0] if val_priors else None
+        self.train_priors, self.train_atlas_priors = (*train_priors, None, None)[:2]
+        self.val_priors, self.val_atlas_priors = (*val_priors, None, None)[:2]
         self.progress, self.cancel = progress, cancel
         self.base_lr = base_lr
         self.network = model
@@ -733,12 +741,18 @@ class _Loop:
 
     def _priors(self, index: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
         """The batch's priors (leave-one-out or, perturbed later, the slices' own labels); None (a
-        prompt-free step) for unguided models and for a ``prompt_dropout`` share of guided steps."""
+        prompt-free step) for unguided models and for a ``prompt_dropout`` share of guided steps. With
+        atlas priors, each slice's is its atlas prior with probability ``ATLAS_SHARE``."""
         if self.train_priors is None:
             return None
-        if float(torch.rand(1, generator=self.augmentation.generator)) < self.config.prompt_dropout:
+        generator = self.augmentation.generator
+        if float(torch.rand(1, generator=generator)) < self.config.prompt_dropout:
             return None
-        return mix_own_priors(self.train_priors[index].to(self.device), targets, self.augmentation.generator)
+        priors = self.train_priors[index]
+        if self.train_atlas_priors is not None:
+            from_atlas = torch.rand(len(index), generator=generator) < ATLAS_SHARE
+            priors = torch.where(from_atlas[:, None, None, None], self.train_atlas_priors[index], priors)
+        return mix_own_priors(priors.to(self.device), targets, generator)
 
     def validate(self) -> tuple[float, list[Optional[float]]]:
         """(mean, per-class) validation Dice; the best weights so far kept."""
@@ -876,15 +890,45 @@ def volume_prior(labels: np.ndarray, axis: int, annotated: list[int], num_classe
 def leave_one_out_priors(prior: SlicePrior, part: list[int], img_size: int) -> torch.Tensor:
     """(N, K+1, S, S) prior logits of the annotated slices ``part``, each built from the other
     annotated slices only (``SlicePrior.leave_one_out``), resized to the network's input."""
-    logits = torch.from_numpy(np.stack([prior.leave_one_out(i) for i in part]))
-    return F.interpolate(logits, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return _network_size([prior.leave_one_out(i) for i in part], img_size)
+
+
+def _network_size(logits: list[np.ndarray], img_size: int) -> torch.Tensor:
+    """(K+1, H, W) logits of N slices -> (N, K+1, S, S) at the network's input size."""
+    return F.interpolate(torch.from_numpy(np.stack(logits)), size=(img_size, img_size), mode="bilinear",
+                         align_corners=False)
+
+
+def training_atlases(cases, class_labels, slices, axis: int, num_classes: int, report) -> list[Atlas]:
+    """Every case's ``Atlas``: its labels completed from its annotated ``slices``."""
+    atlases = []
+    for index, (case, labels, chosen) in enumerate(zip(cases, class_labels, slices)):
+        report(f"atlas {index + 1}/{len(cases)}: completing {case.name}'s labels")
+        atlases.append(make_atlas(case.volume, labels, chosen, axis, num_classes, name=case.name))
+    return atlases
+
+
+def leave_one_out_atlas_priors(cases, atlases: list[Atlas], num_classes: int, axis: int, report,
+                               cancel=None) -> list[Optional[AtlasPrior]]:
+    """Each case's ``AtlasPrior`` from the other cases' atlases registered onto it, never its own
+    labels; None for the case of a single-volume run."""
+    if len(atlases) < 2:
+        return [None] * len(cases)
+    priors = []
+    for index, case in enumerate(cases):
+        report(f"atlas {index + 1}/{len(cases)}: registering the other volumes onto {case.name}")
+        others = atlases[:index] + atlases[index + 1 :]
+        priors.append(atlas_prior(case.volume, others, num_classes, axis, cancel=cancel))
+    return priors
 
 
 def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneConfig, img_size: int,
-                   guidance: Optional[str] = None, num_classes: int = 0) -> _TrainingData:
+                   guidance: Optional[str] = None, num_classes: int = 0,
+                   atlas_priors: Sequence[Optional[AtlasPrior]] = ()) -> _TrainingData:
     """Each case normalised by its own statistics; the last ``validation_volumes`` cases held out
     whole, else ~15 % of each case's slices (``_split_validation``). Guided, every slice also gets its
-    leave-one-out prior of kind ``guidance``: (images, targets, priors)."""
+    leave-one-out prior of kind ``guidance``: (images, targets, priors), and its case's atlas prior
+    where ``atlas_priors`` gives one: (images, targets, priors, atlas priors)."""
     axis = SLICE_AXES[config.slice_axis]
     held_out_from = len(cases) - config.validation_volumes
     train, validation, split = [], [], []
@@ -895,17 +939,31 @@ def _training_data(cases, class_labels, slices, preprocessing, config: FinetuneC
             parts = _split_validation(chosen, config.validation and not config.validation_volumes)
         image = preprocessing.apply(case.volume.array)
         prior = volume_prior(labels, axis, chosen, num_classes, guidance, case.volume.array) if guidance else None
+        atlas = atlas_priors[index] if atlas_priors else None
         for tensors, part in zip((train, validation), parts):
             if part:
                 tensors.append(_slice_tensors(image, labels, axis, part, img_size))
                 if prior is not None:
                     tensors[-1] += (leave_one_out_priors(prior, part, img_size),)
+                if atlas is not None:
+                    tensors[-1] += (_network_size([atlas.logits(i) for i in part], img_size),)
         split.append(parts)
     if not train:
         raise InputError("no training slice is left once the validation slices are held out")
-    width = 3 if guidance is not None else 2
+    width = 2 + (guidance is not None) + any(p is not None for p in atlas_priors)
     joined = [tuple(torch.cat(t) for t in zip(*tensors)) if tensors else (None,) * width for tensors in (train, validation)]
     return _TrainingData(joined[0], joined[1], split)
+
+
+def _atlas_guidance(model: HSAM, loop: _Loop, atlases: list[Atlas], device: torch.device, batch_size: int) -> dict:
+    """What segmentation with the atlas prior keeps per class, chosen on the held-out slices with their
+    leave-one-volume-out atlas priors; the atlas prior alone where there are none (a single volume)."""
+    guidance = {"volumes": len(atlases), "registration": "deformable", "choice": ["prior"] * model.num_classes}
+    if loop.val_atlas_priors is not None:
+        selection = select_sources(model, loop.val_images, loop.val_targets, loop.val_atlas_priors, device, batch_size)
+        guidance["choice"] = selection["choice"]
+        guidance["selection"] = {"slices": len(loop.val_images), "dice": selection["dice"]}
+    return guidance
 
 
 def _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel, preview) -> FinetuneResult:
@@ -929,8 +987,17 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         preprocessing = IntensityPreprocessing.from_dict(built.preprocessing)
     else:
         preprocessing = IntensityPreprocessing(mode="percentile")
+    atlases, atlas_priors = [], []
+    if config.atlas and built.guidance is not None:
+        def report(message: str) -> None:
+            if progress is not None and ddp.rank == 0:
+                progress(TrainingProgress(0.0, 0, 0, float("nan"), None, message))
+
+        atlases = training_atlases(cases, class_labels, slices, SLICE_AXES[config.slice_axis], model.num_classes, report)
+        atlas_priors = leave_one_out_atlas_priors(cases, atlases, model.num_classes, SLICE_AXES[config.slice_axis],
+                                                  report, cancel)
     data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size, built.guidance,
-                          model.num_classes)
+                          model.num_classes, atlas_priors)
 
     model.to(device)
     base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
@@ -966,6 +1033,8 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         selection = select_sources(model, loop.val_images, loop.val_targets, loop.val_priors, device, config.batch_size)
         metadata.guidance["choice"] = selection["choice"]
         metadata.guidance["selection"] = {"slices": len(loop.val_images), "dice": selection["dice"]}
+    if atlases:
+        metadata.guidance["atlas"] = _atlas_guidance(model, loop, atlases, device, config.batch_size)
     model.eval()
     metadata.training = {
         "hsam_version": __version__,
@@ -997,4 +1066,4 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         "device": str(device),
     }
     loop.report(f"finished: {loop.epoch} epochs, {loop.iteration} steps", fraction=1.0)
-    return FinetuneResult(model, metadata, loop.history, state)
+    return FinetuneResult(model, metadata, loop.history, state, atlases)
