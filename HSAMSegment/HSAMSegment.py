@@ -259,7 +259,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def exit(self) -> None:
         self._gui.disconnect()
         if self._parameterNode:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._segmentJob.cancel()
@@ -280,12 +280,16 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, parameterNode) -> None:
         self._gui.disconnect()
         if self._parameterNode:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._gui.connect(self._parameterNode, self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.selectModel(self._parameterNode.modelPath)
+        self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.updateModelInfo()
         self.updateButtons()
 
     # --- models -------------------------------------------------------------------------------
@@ -315,7 +319,18 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
         self.ui.modelComboBox.toolTip = path
-        self.updateButtons()
+        self.onParameterNodeModified()
+
+    def updateModelInfo(self) -> None:
+        """The line under the model: what it corrects on the input volume (``HSAMLib.segment_logic.Prior``)."""
+        p = self._parameterNode
+        if not (p and p.modelPath):
+            self.ui.modelInfoLabel.text = ""
+            return
+        try:
+            self.ui.modelInfoLabel.text = self.logic.segmenter.prior(p.inputVolume, p.modelPath).summary()
+        except Exception as e:  # shown in the panel; the Segment button reports it properly
+            self.ui.modelInfoLabel.text = f"Cannot read the model: {e}"
 
     def onImportModel(self) -> None:
         import qt
@@ -396,17 +411,18 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             sliceRange = (p.firstSlice, p.lastSlice) if p.useSliceRange else None
-            annotations = self.logic.segmenter.defaultAnnotations(p.inputVolume, p.modelPath)
+            prior = self.logic.segmenter.prior(p.inputVolume, p.modelPath)
             job = self.logic.segmenter.startSegmentation(p.inputVolume, p.modelPath, p.device, p.batchSize, sliceRange,
-                                                         annotations)
+                                                         prior.annotationsNode)
             self._jobVolume = p.inputVolume
-            self._jobMode = f"guided by '{annotations.GetName()}'" if annotations is not None else "prompt-free"
+            self._jobMode = prior.description
             self._segmentJob.start(job)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the HSAM worker…"
             self.updateButtons()
 
     def _onSegmentProgress(self, events) -> None:
+        """Any progress event (loading, atlas registration, slices): its fraction and message."""
         self.ui.progressBar.value = int(100 * events[-1]["fraction"])
         self.ui.statusLabel.text = events[-1]["message"]
 
@@ -435,8 +451,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.CreateClosedSurfaceRepresentation()
             slicer.util.setSliceViewerLayers(background=volumeNode)
             self.ui.progressBar.value = 100
-            count = node.GetSegmentation().GetNumberOfSegments()
-            self.ui.statusLabel.text = f"Done ({self._jobMode}): {count} segment(s) in '{node.GetName()}'."
+            self.ui.statusLabel.text = self.logic.segmenter.finishedMessage(self._jobMode, node, job.warnings)
 
     # --- export -------------------------------------------------------------------------------
 
@@ -479,7 +494,7 @@ class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @property
     def segmenter(self):
-        """Created on first use, once the engine's dependencies are installed."""
+        """Created on first use; it needs no torch (the model line reads bundles before any install)."""
         if self._segmenter is None:
             from HSAMLib.segment_logic import HSAMSegmentLogic as Segmenter
 

@@ -72,6 +72,7 @@ class HSAMTrainingParameterNode:
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # 0: the engine's default for the preset
     batchSize: Annotated[int, WithinRange(1, 256)] = 2
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    keepAtlas: bool = False  # hsam finetune --atlas
 
 
 class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -311,6 +312,7 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 batchSize=p.batchSize,
                 device=p.device,
                 sliceAxis=p.sliceAxis,
+                atlas=p.keepAtlas,
             )
             if len(pairs) == 1:
                 data = [trainer.prepare(p.inputVolume, p.segmentation, p.sliceAxis, config.isGuided())]
@@ -358,8 +360,9 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.selectBaseModel(str(path))  # the next round continues from it
                 self.ui.statusLabel.text = (
                     f"Saved {path}. It is now the base model: Suggest slices, annotate them and Fine-tune "
-                    "again to continue from it. Select it in HSAM Segment to segment other volumes."
-                )
+                    "again to continue from it. Select it in HSAM Segment to segment other volumes. "
+                    + self.logic.trainer.atlasSummary(path)
+                ).strip()
 
     # --- suggested slices -----------------------------------------------------------------------
 

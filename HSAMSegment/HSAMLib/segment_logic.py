@@ -8,13 +8,16 @@ both and waits. This process never imports torch.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+from hsam.bundle import BundleMetadata, read_bundle_metadata
 from hsam.errors import InputError
 from hsam.io import Segment, read_labelmap, write_segmentation, write_volume
 
-from . import models, mrml
+from . import mrml
 from .worker import WorkerJob
 
 # Called with each batch of progress events of the worker (``hsam.progress``).
@@ -24,6 +27,28 @@ ANNOTATIONS_FILE = "annotations.seg.nrrd"
 RESULT_FILE = "result.seg.nrrd"
 # Marks the segmentation nodes HSAM wrote, which are results, never annotations.
 RESULT_ATTRIBUTE = "HSAM.Result"
+# Said before a guided model segments a volume without its painted slices and without an atlas.
+NEEDS_GUIDANCE = (
+    "This guided model needs painted slices: paint a few slices of this volume and fine-tune the model on them in "
+    "HSAM Training, or train it with 'Keep an atlas of the training volumes' so that it segments new volumes. "
+    "Without either it may find nothing."
+)
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What a model corrects when the panel segments a volume. ``description``: "prompt-free",
+    "guided by '<segmentation>'" or "guided by its N training volumes registered onto this one" (its
+    atlas); ``annotationsNode``: the painted segmentation it is guided by; ``problem``: said up front
+    when a guided model has neither painted slices nor an atlas."""
+
+    description: str
+    annotationsNode: Any = None
+    problem: Optional[str] = None
+
+    def summary(self) -> str:
+        """The panel's line under the model."""
+        return self.problem or f"{self.description[0].upper()}{self.description[1:]}."
 
 
 def job_with_volume(python: Optional[str], name: str, volumeNode) -> WorkerJob:
@@ -75,12 +100,30 @@ class HSAMSegmentLogic:
             arguments += ["--annotations", job.folder / ANNOTATIONS_FILE]
         return job.start(arguments)
 
+    def prior(self, volumeNode, modelPath) -> Prior:
+        """What the model at ``modelPath`` corrects when the panel segments ``volumeNode`` (None: any
+        volume): its painted slices (``defaultAnnotations``), else a guided model's atlas, else nothing.
+        Reads the bundle's metadata only (no torch)."""
+        metadata = read_bundle_metadata(modelPath)
+        annotations = None if volumeNode is None else self._defaultAnnotations(volumeNode, metadata)
+        if annotations is not None:
+            return Prior(f"guided by '{annotations.GetName()}'", annotations)
+        if not metadata.guided:
+            return Prior("prompt-free")
+        volumes = (metadata.guidance.get("atlas") or {}).get("volumes")
+        if volumes:
+            return Prior(f"guided by its {volumes} training volume{'s' if volumes > 1 else ''} registered onto this one")
+        return Prior("prompt-free", problem=NEEDS_GUIDANCE)
+
     def defaultAnnotations(self, volumeNode, modelPath):
         """The segmentation to guide a guided model with by default: for the volume the model was
         fine-tuned on, a segmentation of that volume that HSAM did not write (None otherwise)."""
-        metadata = models.read_model(modelPath).metadata
-        cases = (metadata.get("training") or {}).get("cases") or []
-        if not metadata.get("guidance") or volumeNode.GetName() not in [case.get("name") for case in cases]:
+        return self._defaultAnnotations(volumeNode, read_bundle_metadata(modelPath))
+
+    @staticmethod
+    def _defaultAnnotations(volumeNode, metadata: BundleMetadata):
+        cases = metadata.training.get("cases") or []
+        if not metadata.guided or volumeNode.GetName() not in [case.get("name") for case in cases]:
             return None
         scene = volumeNode.GetScene()
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
@@ -92,13 +135,24 @@ class HSAMSegmentLogic:
 
     def loadResult(self, job: WorkerJob, volumeNode, segmentationNode=None):
         """Put a finished job's segments (names, colours, terminology, label values) into a new or the
-        given segmentation node, then remove the job's folder. Raises if the job did not succeed."""
+        given segmentation node (the worker's warnings go to the log), then remove the job's folder.
+        Raises if the job did not succeed."""
         try:
             job.check()
+            for warning in job.warnings:
+                logging.warning("HSAM: %s", warning)
             labels, segments = read_labelmap(job.folder / RESULT_FILE)
             return self.writeResult(labels, segments, volumeNode, segmentationNode)
         finally:
             job.cleanup()
+
+    @staticmethod
+    def finishedMessage(description: str, segmentationNode, warnings: Sequence[str] = ()) -> str:
+        """The panel's status once the result is in the scene: the prior's ``description``, the segments,
+        and the worker's warnings (``WorkerJob.warnings``), one line each."""
+        count = segmentationNode.GetSegmentation().GetNumberOfSegments()
+        message = f"Done ({description}): {count} segment(s) in '{segmentationNode.GetName()}'."
+        return "\n".join([message] + [f"Warning: {warning}" for warning in warnings])
 
     def writeResult(self, labels, segments: list[Segment], volumeNode, segmentationNode=None):
         """Put labels (z, y, x) on the volume's grid into a (new or overwritten) segmentation node."""

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from hsam.bundle import atlas_bytes, read_bundle
 from hsam.errors import InputError
 from hsam.io import Segment, Volume, write_segmentation, write_volume
 
@@ -77,6 +78,7 @@ class TrainingOptions:
     sliceAxis: str = "axial"
     imageSize: Optional[int] = None  # network input; None: the preset's default
     guided: bool = True  # the annotations guide the model (``hsam finetune --guided``)
+    atlas: bool = False  # guided: keep the training volumes as its atlas (``hsam finetune --atlas``)
 
     def arguments(self) -> list[str]:
         """The ``hsam finetune`` options."""
@@ -88,7 +90,11 @@ class TrainingOptions:
                               ("--lr", self.learningRate), ("--img-size", self.imageSize)):
             if value:
                 arguments += [option, str(value)]
-        return arguments + (["--guided"] if self.isGuided() else [])
+        guided = self.isGuided()
+        if self.atlas and not guided:
+            raise InputError("an atlas of the training volumes is kept for guided models only: this training is "
+                             "prompt-free (a prompt-free base model stays prompt-free)")
+        return arguments + (["--guided"] if guided else []) + (["--atlas"] if self.atlas else [])
 
     def isGuided(self) -> bool:
         """Guided training: asked for, and not continuing a prompt-free model (which stays prompt-free)."""
@@ -220,6 +226,16 @@ class HSAMTrainingLogic:
         write_segmentation(folder / annotationsFile, case.labels, case.volume, case.segments)
         return {"image": volumeFile, "labels": annotationsFile, "slices": case.annotated.slices,
                 "name": case.name or volumeFile}
+
+    @staticmethod
+    def atlasSummary(modelPath) -> str:
+        """A sentence on the atlas a bundle keeps (its volumes and size), "" without one; no torch."""
+        header, metadata = read_bundle(modelPath)
+        volumes = ((metadata.guidance or {}).get("atlas") or {}).get("volumes")
+        if not volumes:
+            return ""
+        return (f"It keeps an atlas of its {volumes} training volume{'s' if volumes > 1 else ''} "
+                f"({atlas_bytes(header) / 2**20:.1f} MB): HSAM Segment segments new volumes with it, without painting.")
 
     def saveModel(self, job: WorkerJob, outputName: str, modelsFolder: Optional[Path] = None) -> Path:
         """Move a finished job's bundle into the models folder, named after ``outputName`` (made unique);

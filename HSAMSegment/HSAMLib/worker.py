@@ -37,6 +37,7 @@ from hsam.watchdog import PARENT_PID_VARIABLE, STATUS_FILE_VARIABLE, process_exi
 ENGINE_PARENT = Path(__file__).resolve().parent.parent
 CANCEL_GRACE_SECONDS = 1.0
 ERROR_PREFIX = "hsam: error: "
+WARNING_PREFIX = "hsam: warning: "
 EXIT_INPUT_ERROR = 2
 STATUS_FILE = "worker-status.txt"
 # Job folders are named ``<name>-job-<pid of the process that made them>-<random>``.
@@ -146,6 +147,11 @@ class WorkerJob:
     @property
     def running(self) -> bool:
         return self.state == RUNNING
+
+    @property
+    def warnings(self) -> list[str]:
+        """The worker's ``hsam: warning:`` lines so far, without the prefix (e.g. a class found nowhere)."""
+        return [line[len(WARNING_PREFIX):].strip() for line in self.stderr_lines if line.startswith(WARNING_PREFIX)]
 
     def poll(self) -> list[dict]:
         """JSON events printed since the last call, oldest first; updates ``state`` when the worker

@@ -197,7 +197,7 @@ def carried_probabilities(atlas: Atlas, target: sitk.Image, transform: sitk.Tran
     for k in range(num_classes + 1):
         channel = sitk.GetImageFromArray((labels == k).astype(np.float32))
         channel.CopyInformation(atlas.labels)
-        out[k] = sitk.GetArrayViewFromImage(sitk.Resample(channel, target, transform, sitk.sitkLinear, float(k == 0)))
+        out[k] = sitk.GetArrayFromImage(sitk.Resample(channel, target, transform, sitk.sitkLinear, float(k == 0)))
     return out
 
 
