@@ -185,7 +185,7 @@ class DeviceLabel:
         self._job.stop()
 
     def _onFinished(self, job) -> None:
-        from hsam.errors import HSAMError
+        from hsam.runtime.errors import HSAMError
         from HSAMLib import devices
 
         try:
@@ -515,7 +515,7 @@ class HSAMSegmentTest(ScriptedLoadableModuleTest):
 
     def test_segment_generated_volume(self):
         import numpy as np
-        from hsam.io import Segment
+        from hsam.volumes.volume import Segment
         from HSAMLib import dependencies, mrml
         from HSAMLib.segment_logic import HSAMSegmentLogic as Segmenter
         from HSAMLib.training_logic import HSAMTrainingLogic as Trainer

@@ -410,8 +410,8 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._suggestion = (p.inputVolume, p.sliceAxis, None, count)
                 self._suggestJob.start(suggester.startGapRanking(p.inputVolume, p.segmentation, p.sliceAxis, count))
             else:
-                from hsam.bundle import read_bundle_metadata
-                from hsam.errors import InputError
+                from hsam.models.bundle import read_bundle_metadata
+                from hsam.runtime.errors import InputError
 
                 if not p.baseModel.endswith(".hsam"):
                     raise InputError("choose an HSAM model (a fine-tuned one) as the base model to rank by its uncertainty")
@@ -523,7 +523,7 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
 
     def test_finetune_tiny_preset(self):
         import numpy as np
-        from hsam.io import Segment
+        from hsam.volumes.volume import Segment
         from HSAMLib import dependencies, mrml
         from HSAMLib.segment_logic import HSAMSegmentLogic
         from HSAMLib.plots import TrainingCurves

@@ -8,12 +8,20 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from hsam.errors import InputError
-from hsam.guidance.atlas import (Atlas, AtlasPrior, annotated_span, atlas_from_arrays, atlas_prior,
-                                 complete_labels, make_atlas, register)
+from hsam.evaluation.metrics import dice_score
+from hsam.guidance.atlas import (
+    Atlas,
+    AtlasPrior,
+    annotated_span,
+    atlas_from_arrays,
+    atlas_prior,
+    complete_labels,
+    make_atlas,
+    register,
+)
 from hsam.guidance.priors import PRIOR_LOGIT, annotated_slices
-from hsam.io import Volume
-from hsam.metrics import dice_score
+from hsam.runtime.errors import InputError
+from hsam.volumes.volume import Volume
 
 SHAPE = (40, 64, 64)  # (z, y, x) voxels
 SPACING = (2.5, 2.5, 3.0)  # (x, y, z) mm: the 3 mm atlas grid is 53 × 53 × 40 voxels

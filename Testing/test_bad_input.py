@@ -18,10 +18,10 @@ import pytest
 import SimpleITK as sitk
 
 from hsam.cli import main
-from hsam.errors import HSAMWarning
-from hsam.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
-from hsam.io import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
-from hsam.sam_weights import SAM_CHECKPOINTS, cached_sha256, sha256_file, sha256_record
+from hsam.models.sam_weights import SAM_CHECKPOINTS, cached_sha256, sha256_file, sha256_record
+from hsam.runtime.errors import HSAMWarning
+from hsam.volumes.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
+from hsam.volumes.volume import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
 from test_cli import _bundle, _write_image, assert_one_line_error
 from test_io import LIVER, write_dicom_series
 
@@ -72,8 +72,8 @@ def test_truncated_volume_is_refused(tmp_path, model, out, capsys, suffix):
 @pytest.mark.parametrize("flavour", ["big-endian NIfTI-1", "NIfTI-2"])
 def test_other_nifti_layouts_are_checked_too(tmp_path, flavour):
     nibabel = pytest.importorskip("nibabel")
-    from hsam.errors import InputError
-    from hsam.nifti import check_nifti
+    from hsam.runtime.errors import InputError
+    from hsam.volumes.nifti import check_nifti
 
     make = nibabel.Nifti2Image if flavour == "NIfTI-2" else nibabel.Nifti1Image
     array = noisy((4, 5, 6)).astype(">f4" if flavour.startswith("big") else "<f4")
@@ -195,7 +195,7 @@ def _segmentation_file(path: Path, **fields: str) -> Path:
     volume = Volume(np.zeros(SHAPE, np.uint8), SPACING, ORIGIN)
     labels = np.zeros(SHAPE, np.uint8)
     labels[1:3, 5:9, 5:9] = 1
-    from hsam.io import Segment
+    from hsam.volumes.volume import Segment
 
     write_segmentation(path, labels, volume, [Segment("liver", 1, (0.5, 0.5, 0.5), LIVER)])
     image = sitk.ReadImage(str(path))
@@ -259,7 +259,7 @@ def test_several_dicom_series_are_named_and_can_be_chosen(tmp_path, model, out, 
         writer.Execute(image)
     code = main([str(a) for a in segment(folder, model, out, "--series", "1.2.3")])
     assert_one_line_error(code, capfd.readouterr().err, "no DICOM series 1.2.3")
-    from hsam.io import read_volume
+    from hsam.volumes.volume import read_volume
 
     with pytest.warns(HSAMWarning, match=r"holds 2 DICOM series; read 1\.2\.826\.0\.1\.3680043\.2\.1125\.1\.1 \(6 files\)"):
         assert read_volume(folder).array.shape[0] == 6
@@ -339,9 +339,9 @@ def test_truncated_model_files_are_refused(tmp_path, model, out, capsys, cut):
 
 
 def test_a_model_is_never_saved_with_metadata_it_could_not_be_read_with(tmp_path):
-    from hsam.build import build_hsam
-    from hsam.bundle import read_bundle_metadata, save_bundle
-    from hsam.errors import InputError
+    from hsam.models.build import build_hsam
+    from hsam.models.bundle import read_bundle_metadata, save_bundle
+    from hsam.runtime.errors import InputError
 
     metadata = read_bundle_metadata(_bundle(tmp_path / "valid.hsam"))
     metadata.class_names = ["x" * 2000, "sphere"]
@@ -351,8 +351,8 @@ def test_a_model_is_never_saved_with_metadata_it_could_not_be_read_with(tmp_path
 
 
 def test_more_classes_than_a_model_holds_are_refused_before_training():
-    from hsam.errors import InputError
-    from hsam.training import FinetuneConfig, finetune
+    from hsam.runtime.errors import InputError
+    from hsam.training.finetune import FinetuneConfig, finetune
 
     labels = np.arange(np.prod(SHAPE)).reshape(SHAPE) % 300
     with pytest.raises(InputError, match="at most 255 classes"):
@@ -487,7 +487,7 @@ def test_output_inside_a_dicom_folder_is_refused(tmp_path, model, out, capsys):
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".NII.GZ", ".seg.nrrd", ".mha"])
 def test_long_and_upper_case_output_names_work(tmp_path, suffix):
-    from hsam.io import write_output
+    from hsam.volumes.volume import write_output
 
     output = tmp_path / ("x" * (255 - len(suffix)) + suffix)  # the longest name the file system allows
     labels = np.random.default_rng(4).integers(0, 3, SHAPE).astype(np.uint8)
@@ -531,7 +531,7 @@ def test_outputs_get_the_mode_the_umask_asks_for(tmp_path, umask, kind):
 
 
 def test_a_file_created_meanwhile_by_another_writer_is_kept_and_nothing_published(tmp_path):
-    from hsam.errors import InputError
+    from hsam.runtime.errors import InputError
 
     with Outputs() as outputs:
         write_bytes_atomic(tmp_path / "scores.json", b"{}", outputs=outputs)
@@ -562,7 +562,7 @@ def full_disk(tmp_path):
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd"])
 def test_full_disk_leaves_nothing_and_says_so(full_disk, suffix):
     volume = Volume(noisy((40, 80, 96)), SPACING, ORIGIN)  # 1.2 MB of floats, 300 KB of labels
-    from hsam.errors import InputError
+    from hsam.runtime.errors import InputError
 
     with pytest.raises(InputError, match="cannot write"):
         if suffix == ".seg.nrrd":
@@ -585,7 +585,7 @@ def test_full_disk_for_the_probabilities_publishes_neither_file(full_disk, tmp_p
 KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from hsam.files import write_atomic
+from hsam.volumes.files import write_atomic
 
 def write(temporary):
     with open(temporary, "wb") as f:
@@ -612,7 +612,7 @@ def test_sigkill_during_a_write_leaves_no_output_and_the_next_run_cleans_up(tmp_
 
 CLAIMING_WRITER = """
 import sys, time
-from hsam.files import Outputs
+from hsam.volumes.files import Outputs
 
 with Outputs() as outputs:
     outputs.claim([sys.argv[1]])
@@ -676,9 +676,9 @@ def test_closed_pipe_is_quiet(model):
 
 
 def test_internal_error_is_one_line_with_a_hint(tmp_path, model, monkeypatch, capsys):
-    import hsam.bundle
+    import hsam.models.bundle
 
-    monkeypatch.setattr(hsam.bundle, "read_bundle", lambda path: {}["a bug"])
+    monkeypatch.setattr(hsam.models.bundle, "read_bundle", lambda path: {}["a bug"])
     assert main(["info", str(model)]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("hsam: internal error: KeyError") and "--debug" in lines[0]
@@ -689,8 +689,8 @@ def test_internal_error_is_one_line_with_a_hint(tmp_path, model, monkeypatch, ca
 def test_pickled_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     import torch
 
-    from hsam.checkpoint import read_state_dict
-    from hsam.errors import CheckpointError
+    from hsam.models.checkpoint import read_state_dict
+    from hsam.runtime.errors import CheckpointError
 
     torch.save({"weight": torch.zeros(2), "code": print}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError) as refusal:

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.baselines import atlas_registration, fill_between_slices, majority_vote, nearest_slice_copy
-from hsam.demo import brain_labels, template_path
-from hsam.errors import InputError
-from hsam.io import read_volume
-from hsam.metrics import dice_score
-from hsam.subjects import Variation, make_subject
-from hsam.training import annotated_slices
+from hsam.evaluation.baselines import atlas_registration, majority_vote, nearest_slice_copy
+from hsam.evaluation.metrics import dice_score
+from hsam.evaluation.mni import brain_labels, template_path
+from hsam.evaluation.subjects import Variation, make_subject
+from hsam.guidance.fill import fill_between_slices
+from hsam.guidance.priors import annotated_slices
+from hsam.runtime.errors import InputError
+from hsam.volumes.volume import read_volume
 
 pytest.importorskip("nilearn")
 

@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from hsam.build import PRESETS, build_hsam
-from hsam.bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata, save_bundle
-from hsam.checkpoint import load_reference_checkpoint, load_sam_weights, read_state_dict, save_reference_checkpoint
-from hsam.errors import CheckpointError, InputError
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata, save_bundle
+from hsam.models.checkpoint import (
+    load_reference_checkpoint,
+    load_sam_weights,
+    read_state_dict,
+    save_reference_checkpoint,
+)
+from hsam.models.presets import PRESETS
+from hsam.runtime.errors import CheckpointError, InputError
 
 TINY = PRESETS["tiny"]
 

@@ -14,12 +14,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam import sam_weights
-from hsam.build import build_hsam
-from hsam.bundle import BundleMetadata, read_bundle_metadata, save_bundle
 from hsam.cli import main
-from hsam.metrics import dice_score, hausdorff95
-from hsam.preprocess import IntensityPreprocessing
+from hsam.evaluation.metrics import dice_score, hausdorff95
+from hsam.models import sam_weights
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata, read_bundle_metadata, save_bundle
+from hsam.volumes.preprocess import IntensityPreprocessing
 from phantom import phantom_arrays
 
 SPACING, ORIGIN = (0.8, 0.7, 2.0), (-20.0, -15.0, -7.0)
@@ -82,9 +82,9 @@ def assert_one_line_error(code: int, err: str, pattern: str = "") -> None:
 
 
 def _engine_labels(files, **options) -> np.ndarray:
-    from hsam.bundle import load_bundle
-    from hsam.inference import segment_volume
-    from hsam.io import read_volume
+    from hsam.inference.segment import segment_volume
+    from hsam.models.bundle import load_bundle
+    from hsam.volumes.volume import read_volume
 
     model, metadata = load_bundle(files["model"])
     return segment_volume(model, read_volume(files["volume"]), metadata, device="cpu", precision="fp32", **options).labels

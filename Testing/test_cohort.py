@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hsam.bundle import read_bundle_metadata
 from hsam.cli import main
-from hsam.io import Segment, Volume, write_labelmap, write_segmentation, write_volume
-from hsam.metrics import dice_score
-from hsam.training import FinetuneConfig, TrainingCase, finetune_cohort
+from hsam.evaluation.metrics import dice_score
+from hsam.models.bundle import read_bundle_metadata
+from hsam.training.finetune import FinetuneConfig, TrainingCase, finetune_cohort
+from hsam.volumes.volume import Segment, Volume, write_labelmap, write_segmentation, write_volume
 from phantom import every_nth_annotated, phantom_arrays
 
 OBLIQUE = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated 90° about z
@@ -142,6 +142,6 @@ def test_evaluate_scores_every_case_and_summarises_each_class(cohort, tmp_path, 
 
 
 def _grid(path: Path) -> Volume:
-    from hsam.io import read_volume
+    from hsam.volumes.volume import read_volume
 
     return read_volume(path)

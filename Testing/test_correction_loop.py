@@ -10,16 +10,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam.build import build_hsam
-from hsam.bundle import BundleMetadata, load_bundle, read_bundle_metadata, save_bundle
 from hsam.cli import main
-from hsam.errors import InputError
-from hsam.inference import segment_volume
-from hsam.io import Segment, Volume, read_volume, write_segmentation
-from hsam.preprocess import IntensityPreprocessing
-from hsam.suggest import SpreadRule, suggest_slices, uniform_slices
-from hsam.training import FinetuneConfig, finetune
-from hsam.uncertainty import DEFAULT_SIGNAL, SIGNALS, scores_csv_path, slice_scores, voxel_uncertainty
+from hsam.inference.segment import segment_volume
+from hsam.inference.suggest import SpreadRule, suggest_slices, uniform_slices
+from hsam.inference.uncertainty import DEFAULT_SIGNAL, SIGNALS, scores_csv_path, slice_scores, voxel_uncertainty
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata, load_bundle, read_bundle_metadata, save_bundle
+from hsam.runtime.errors import InputError
+from hsam.training.finetune import FinetuneConfig, finetune
+from hsam.volumes.preprocess import IntensityPreprocessing
+from hsam.volumes.volume import Segment, Volume, read_volume, write_segmentation
 from phantom import phantom_arrays
 
 SPACING, ORIGIN = (0.8, 0.7, 2.0), (-20.0, -15.0, -7.0)

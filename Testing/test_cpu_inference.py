@@ -11,11 +11,11 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import Tensor, nn
 
-from hsam.cpu import cpu_capability
 from hsam.modeling.common import ChannelLayerNorm2d
 from hsam.modeling.fused_linear import PACKED_WEIGHTS, fused_dtype, linear, onednn_works
 from hsam.modeling.image_encoder import _SCRATCH, ImageEncoder, _bfloat16_attention, release_scratch_buffer
 from hsam.modeling.lora import LoRAQKV
+from hsam.runtime.cpu import cpu_capability
 
 onednn = pytest.mark.skipif(not onednn_works(), reason="no working oneDNN in this PyTorch build")
 onednn_bf16 = pytest.mark.skipif(

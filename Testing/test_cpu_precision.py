@@ -30,8 +30,8 @@ PROBE = """
 import json
 import torch
 import torch.nn.functional as F
-from hsam.cpu import cpu_capability, cpu_supports_bf16, onednn_computes
-from hsam.inference import resolve_precision
+from hsam.runtime.cpu import cpu_capability, cpu_supports_bf16, onednn_computes
+from hsam.runtime.devices import resolve_precision
 from hsam.modeling.fused_linear import fused_dtype, linear, onednn_works
 
 torch.manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from hsam.bundle import load_bundle
+from hsam.models.bundle import load_bundle
 
 TESTING_DIR = Path(__file__).resolve().parent
 
@@ -20,8 +20,8 @@ TRAIN_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {testing!r})
     from safetensors.torch import save_file
     from phantom import phantom_volume
-    from hsam.bundle import save_bundle
-    from hsam.training import FinetuneConfig, finetune, is_main_process
+    from hsam.models.bundle import save_bundle
+    from hsam.training.finetune import FinetuneConfig, finetune, is_main_process
 
     out = sys.argv[1]
     volume, labels, segments = phantom_volume((16, 48, 48))

@@ -7,10 +7,11 @@ import zlib
 import numpy as np
 import pytest
 
-from hsam.baselines import nearest_slice_copy
-from hsam.demo import TITLE_HEIGHT, brain_labels, run_demo, template_path
-from hsam.io import read_labelmap, read_volume
-from hsam.training import annotated_slices
+from hsam.demo import TITLE_HEIGHT, run_demo
+from hsam.evaluation.baselines import nearest_slice_copy
+from hsam.evaluation.mni import brain_labels, template_path
+from hsam.guidance.priors import annotated_slices
+from hsam.volumes.volume import read_labelmap, read_volume
 
 pytest.importorskip("nilearn")
 

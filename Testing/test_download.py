@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from hsam import sam_weights
-from hsam.sam_weights import SamCheckpointInfo
-from hsam.download import download_sam_weights
-from hsam.errors import Cancelled, CheckpointError, HSAMError, InputError
+from hsam.models import sam_weights
+from hsam.models.download import download_sam_weights
+from hsam.models.sam_weights import SamCheckpointInfo
+from hsam.runtime.errors import Cancelled, CheckpointError, HSAMError, InputError
 
 PAYLOAD = bytes(range(256)) * 2000  # 512,000 bytes
 FILENAME = "sam_test_weights.pth"
@@ -125,7 +125,7 @@ def test_corrupt_partial_file_fails_the_checksum(server, tmp_path):
 
 
 def test_cancel_keeps_the_partial_file_for_later(server, tmp_path, monkeypatch):
-    monkeypatch.setattr("hsam.download.CHUNK_SIZE", 64 * 1024)
+    monkeypatch.setattr("hsam.models.download.CHUNK_SIZE", 64 * 1024)
     cancel = threading.Event()
     with pytest.raises(Cancelled):
         download_sam_weights("test", cache_dir=tmp_path, progress=lambda f, m: cancel.set(), cancel=cancel)

@@ -11,17 +11,17 @@ import SimpleITK as sitk
 import torch
 
 import hsam.guidance.flow as flow
-from hsam.baselines import flow_propagation, nearest_slice_copy
-from hsam.build import build_hsam
-from hsam.bundle import BundleMetadata
+from hsam.evaluation.baselines import flow_propagation, nearest_slice_copy
+from hsam.evaluation.metrics import dice_score
 from hsam.guidance.flow import FlowPropagation, SliceFlows, flow_images, looks_like_ct
+from hsam.guidance.kinds import CHOICE_SOURCES
 from hsam.guidance.priors import SlicePrior
-from hsam.inference import combine_sources, segment_volume
-from hsam.io import Volume
-from hsam.metrics import dice_score
-from hsam.preprocess import IntensityPreprocessing
-from hsam.presets import CHOICE_SOURCES
-from hsam.training import _class_dice, choose_sources, select_sources
+from hsam.inference.segment import combine_sources, segment_volume
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata
+from hsam.training.finetune import _class_dice, choose_sources, select_sources
+from hsam.volumes.preprocess import IntensityPreprocessing
+from hsam.volumes.volume import Volume
 from phantom import phantom_volume
 
 SLICES, SIZE, RADIUS, STEP = 21, 72, 9, 1.6
@@ -235,7 +235,7 @@ def test_cli_propagate_writes_the_propagation(tmp_path):
     result = _hsam("propagate", str(volume), str(drawn), "-o", str(tmp_path / "out.seg.nrrd"))
     assert result.returncode == 0, result.stderr
     assert "3 annotated axial slices propagated" in result.stderr and "(mr)" in result.stderr
-    from hsam.io import read_labelmap
+    from hsam.volumes.volume import read_labelmap
 
     written, segments = read_labelmap(tmp_path / "out.seg.nrrd")
     np.testing.assert_array_equal(written, flow_propagation(image, labels * 4, [0, 10, 20]))

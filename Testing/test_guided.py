@@ -9,16 +9,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam.baselines import fill_between_slices, flow_propagation, nearest_slice_copy
-from hsam.build import build_hsam
-from hsam.bundle import BundleMetadata, load_bundle, save_bundle
-from hsam.errors import InputError
+from hsam.evaluation.baselines import flow_propagation, nearest_slice_copy
 from hsam.guidance.augment import dilate, perturb_prior, shift
+from hsam.guidance.fill import fill_between_slices
 from hsam.guidance.flow import flow_images
 from hsam.guidance.priors import PRIOR_LOGIT, SlicePrior, annotated_slices
-from hsam.inference import segment_volume
-from hsam.preprocess import IntensityPreprocessing
-from hsam.training import FinetuneConfig, finetune, leave_one_out_priors, volume_prior
+from hsam.inference.segment import segment_volume
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata, load_bundle, save_bundle
+from hsam.runtime.errors import InputError
+from hsam.training.finetune import FinetuneConfig, finetune, leave_one_out_priors, volume_prior
+from hsam.volumes.preprocess import IntensityPreprocessing
 from phantom import phantom_volume
 
 LABEL_VALUES = (2, 5)
@@ -329,7 +330,7 @@ def test_cli_finetune_stops_early_on_the_stop_file_and_saves(phantom, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    from hsam.bundle import read_bundle_metadata
+    from hsam.models.bundle import read_bundle_metadata
 
     recorded = read_bundle_metadata(model).training
     assert 2 <= recorded["steps"] and recorded["epochs"] < 1000

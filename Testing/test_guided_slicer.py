@@ -10,8 +10,8 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from hsam.errors import Cancelled, InputError  # noqa: E402
-from hsam.io import Segment  # noqa: E402
+from hsam.runtime.errors import Cancelled, InputError  # noqa: E402
+from hsam.volumes.volume import Segment  # noqa: E402
 from HSAMLib import models, mrml  # noqa: E402
 from HSAMLib.segment_logic import NEEDS_GUIDANCE, RESULT_ATTRIBUTE, HSAMSegmentLogic, Prior  # noqa: E402
 from HSAMLib.training_logic import HSAMTrainingLogic  # noqa: E402
@@ -93,9 +93,9 @@ def test_guided_training_needs_two_painted_slices(scene, painted):
 
 def test_continuing_a_prompt_free_model_stays_prompt_free(tmp_path):
     import torch
-    from hsam.build import build_hsam
-    from hsam.bundle import BundleMetadata, save_bundle
-    from hsam.preprocess import IntensityPreprocessing
+    from hsam.models.build import build_hsam
+    from hsam.models.bundle import BundleMetadata, save_bundle
+    from hsam.volumes.preprocess import IntensityPreprocessing
 
     torch.manual_seed(0)
     metadata = BundleMetadata(preset="tiny", img_size=224, num_classes=2, class_names=["a", "b"],
@@ -122,10 +122,10 @@ def atlas_bundles(tmp_path_factory):
     """(with an atlas, without one): a guided model fine-tuned for one epoch on two patients painted on 3
     slices each, in this process. Its atlas lacks the sphere and it keeps the atlas prior for every
     class, so that its result lacks the sphere whatever the model learned."""
-    from hsam.bundle import save_bundle
     from hsam.guidance.atlas import atlas_from_arrays
-    from hsam.io import Volume
-    from hsam.training import FinetuneConfig, TrainingCase, finetune_cohort
+    from hsam.models.bundle import save_bundle
+    from hsam.training.finetune import FinetuneConfig, TrainingCase, finetune_cohort
+    from hsam.volumes.volume import Volume
 
     cases = []
     for seed in (1, 2):

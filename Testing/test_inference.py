@@ -8,19 +8,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hsam.build import build_hsam
-from hsam.bundle import BundleMetadata
-from hsam.cpu import cpu_capability, onednn_computes
-from hsam.errors import Cancelled, HSAMError, InputError
-from hsam.inference import (
-    cpu_supports_bf16,
-    describe_device,
-    resolve_precision,
-    segment_volume,
-    select_device,
-)
-from hsam.io import Volume
-from hsam.preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
+from hsam.inference.segment import segment_volume
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata
+from hsam.runtime.cpu import cpu_capability, cpu_supports_bf16, onednn_computes
+from hsam.runtime.devices import describe_device, resolve_precision, select_device
+from hsam.runtime.errors import Cancelled, HSAMError, InputError
+from hsam.volumes.constants import SLICE_AXES
+from hsam.volumes.preprocess import IntensityPreprocessing, logits_to_grid, slices_to_model_input
+from hsam.volumes.volume import Volume
 from phantom import phantom_volume
 
 LABEL_VALUES = [3, 7]
@@ -267,7 +263,7 @@ def test_precision_resolution():
 
 @pytest.mark.parametrize("channels", [2, 9, 300])
 def test_class_indices_equal_argmax_first_on_ties(channels):
-    from hsam.inference import class_indices
+    from hsam.inference.segment import class_indices
 
     generator = torch.Generator().manual_seed(channels)
     logits = torch.randn(2, channels, 5, 7, generator=generator).round(decimals=1)  # rounding makes ties

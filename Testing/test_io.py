@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hsam.errors import HSAMWarning, InputError
-from hsam.io import (
+from hsam.runtime.errors import HSAMWarning, InputError
+from hsam.volumes.volume import (
     Segment,
     Volume,
     read_labelmap,

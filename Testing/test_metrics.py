@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from hsam.io import Segment, Volume, write_labelmap, write_segmentation
-from hsam.metrics import dice_score, evaluate, hausdorff95
+from hsam.evaluation.metrics import dice_score, evaluate, hausdorff95
+from hsam.volumes.volume import Segment, Volume, write_labelmap, write_segmentation
 
 SPACING = (0.8, 0.7, 2.0)  # (x, y, z) mm
 

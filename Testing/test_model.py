@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hsam.build import build_hsam, count_parameters
-from hsam.loss import HSAMLoss, soft_dice_loss, stage2_weight
+from hsam.models.build import build_hsam, count_parameters
+from hsam.training.loss import HSAMLoss, soft_dice_loss, stage2_weight
 
 
 @pytest.mark.parametrize("img_size", [224, 512])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hsam.build import Preset
-from hsam.checkpoint import from_reference_state_dict
+from hsam.models.checkpoint import from_reference_state_dict
+from hsam.models.presets import Preset
 
 DATA = Path(__file__).parent / "Data"
 
@@ -54,7 +54,7 @@ def test_same_logits_as_the_reference(fixture: str) -> None:
 
 
 def test_a_mismatched_state_dict_is_refused() -> None:
-    from hsam.errors import CheckpointError
+    from hsam.runtime.errors import CheckpointError
 
     config, state, _ = _load("reference_parity_224.safetensors")
     preset = Preset(config["embed_dim"], config["depth"], config["num_heads"], tuple(config["global_attn_indexes"]),

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hsam.errors import InputError
-from hsam.preprocess import IntensityPreprocessing, logits_to_grid, slices_to_model_input
+from hsam.runtime.errors import InputError
+from hsam.volumes.preprocess import IntensityPreprocessing, logits_to_grid, slices_to_model_input
 
 
 def test_ct_window_by_hand():

@@ -15,9 +15,9 @@ slicerio = pytest.importorskip("slicerio")
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from hsam.errors import CheckpointError, HSAMError, InputError  # noqa: E402
+from hsam.runtime.errors import CheckpointError, HSAMError, InputError  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
-from hsam.io import Segment  # noqa: E402
+from hsam.volumes.volume import Segment  # noqa: E402
 from HSAMLib import dependencies, models, mrml  # noqa: E402
 from HSAMLib.plots import TrainingCurves  # noqa: E402
 from HSAMLib.segment_logic import HSAMSegmentLogic  # noqa: E402
@@ -419,7 +419,7 @@ def test_export_refuses_wrong_extensions(volume_node, labels_and_segments, tmp_p
 
 
 def test_sam_weights_table_and_cache_match_the_engine(tmp_path, monkeypatch):
-    from hsam.checkpoint import SAM_CHECKPOINTS, default_cache_dir
+    from hsam.models.sam_weights import SAM_CHECKPOINTS, default_cache_dir
 
     assert models.SAM_WEIGHTS == {name: (info.filename, info.size) for name, info in SAM_CHECKPOINTS.items()}
     monkeypatch.delenv("HSAM_HOME")
@@ -649,9 +649,9 @@ def test_training_curves_table_and_chart(scene):
 @pytest.fixture
 def tiny_bundle(tmp_path):
     import torch
-    from hsam.build import build_hsam
-    from hsam.bundle import BundleMetadata, save_bundle
-    from hsam.preprocess import IntensityPreprocessing
+    from hsam.models.build import build_hsam
+    from hsam.models.bundle import BundleMetadata, save_bundle
+    from hsam.volumes.preprocess import IntensityPreprocessing
 
     torch.manual_seed(0)
     model = build_hsam("tiny", num_classes=2, img_size=224).eval()

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from hsam.demo import brain_labels, template_path
-from hsam.io import Volume, read_volume
-from hsam.metrics import dice_score
-from hsam.subjects import NO_INTENSITY_CHANGE, Variation, make_subject
+from hsam.evaluation.metrics import dice_score
+from hsam.evaluation.mni import brain_labels, template_path
+from hsam.evaluation.subjects import NO_INTENSITY_CHANGE, Variation, make_subject
+from hsam.volumes.volume import Volume, read_volume
 
 pytest.importorskip("nilearn")
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import hsam.guidance.flow as flow
-from hsam.baselines import flow_propagator
+from hsam.evaluation.baselines import flow_propagator
 from hsam.guidance.flow import SliceFlows
 from hsam.guidance.gaps import rank_gaps
-from hsam.io import Segment, Volume, write_segmentation, write_volume
+from hsam.volumes.volume import Segment, Volume, write_segmentation, write_volume
 
 SLICES, SIZE = 31, 64
 PAINTED = [0, 10, 20, 30]

@@ -11,13 +11,13 @@ import torch
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
 
-from hsam.build import build_hsam  # noqa: E402
-from hsam.bundle import BundleMetadata, load_bundle, save_bundle  # noqa: E402
-from hsam.inference import segment_volume  # noqa: E402
-from hsam.io import Segment, Volume  # noqa: E402
-from hsam.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.suggest import suggest_slices  # noqa: E402
-from hsam.uncertainty import DEFAULT_SIGNAL, OVERLAY_THRESHOLD  # noqa: E402
+from hsam.inference.segment import segment_volume  # noqa: E402
+from hsam.inference.suggest import suggest_slices  # noqa: E402
+from hsam.inference.uncertainty import DEFAULT_SIGNAL, OVERLAY_THRESHOLD  # noqa: E402
+from hsam.models.build import build_hsam  # noqa: E402
+from hsam.models.bundle import BundleMetadata, load_bundle, save_bundle  # noqa: E402
+from hsam.volumes.preprocess import IntensityPreprocessing  # noqa: E402
+from hsam.volumes.volume import Segment, Volume  # noqa: E402
 from HSAMLib import mrml  # noqa: E402
 from HSAMLib.suggest_logic import COLOR_NODE_NAME, GAP_TABLE_COLUMNS, HSAMSuggestLogic  # noqa: E402
 
@@ -117,7 +117,7 @@ def test_slice_centre_for_each_axis(volume_node):
 
 
 def test_map_on_another_grid_is_refused(volume_node):
-    from hsam.errors import InputError
+    from hsam.runtime.errors import InputError
 
     with pytest.raises(InputError, match="grid"):
         HSAMSuggestLogic().showUncertainty(np.zeros((2, 2, 2), np.float32), volume_node)
@@ -162,7 +162,7 @@ def test_gap_suggestions_list_the_slices_to_paint_and_jump_to_each(scene, volume
 
 
 def test_gap_ranking_errors_come_back_as_one_line(scene, volume_node):
-    from hsam.errors import HSAMError
+    from hsam.runtime.errors import HSAMError
 
     annotated = np.zeros(SHAPE, np.uint8)
     annotated[4] = mrml.volume_from_node(volume_node).array[4] > 0

@@ -7,19 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hsam.augment import RandomAugmentation, crop_and_zoom, elastic, gaussian_blur, rotate
-from hsam.bundle import save_bundle
-from hsam.cpu import cpu_capability, onednn_computes
-from hsam.errors import Cancelled, InputError
-from hsam.inference import segment_volume
-from hsam.training import (
-    FinetuneConfig,
-    annotated_slices,
-    finetune,
-    is_main_process,
-    reference_learning_rate,
-    warmup_iterations,
-)
+from hsam.guidance.priors import annotated_slices
+from hsam.inference.segment import segment_volume
+from hsam.models.bundle import save_bundle
+from hsam.runtime.cpu import cpu_capability, onednn_computes
+from hsam.runtime.errors import Cancelled, InputError
+from hsam.training.augment import RandomAugmentation, crop_and_zoom, elastic, gaussian_blur, rotate
+from hsam.training.finetune import FinetuneConfig, finetune, is_main_process, reference_learning_rate, warmup_iterations
 from phantom import every_nth_annotated, phantom_volume
 
 # Every run here uses the tiny preset on the CPU; the few-shot run must fit this budget.

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from hsam.build import build_hsam
-from hsam.bundle import BundleMetadata, read_bundle_metadata, save_bundle
-from hsam.inference import segment_volume
-from hsam.io import Segment, Volume, write_volume
-from hsam.preprocess import IntensityPreprocessing
+from hsam.inference.segment import segment_volume
+from hsam.models.build import build_hsam
+from hsam.models.bundle import BundleMetadata, read_bundle_metadata, save_bundle
+from hsam.volumes.preprocess import IntensityPreprocessing
+from hsam.volumes.volume import Segment, Volume, write_volume
 from phantom import phantom_arrays
 
 from HSAMLib import devices
@@ -148,7 +148,7 @@ def test_an_error_while_waiting_ends_the_worker(volume_file, bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def training_files(tmp_path_factory):
-    from hsam.io import write_segmentation
+    from hsam.volumes.volume import write_segmentation
 
     folder = tmp_path_factory.mktemp("training")
     volume, labels = phantom_volume(8)
@@ -327,7 +327,7 @@ SLICER_WITH_A_JOB = """
 import json, sys, time
 from HSAMLib.worker import WorkerJob
 job = WorkerJob(name="hsam-test")
-job.command = lambda arguments: [sys.executable, "-c", "from hsam.watchdog import watch_parent; watch_parent(0.1); "
+job.command = lambda arguments: [sys.executable, "-c", "from hsam.runtime.watchdog import watch_parent; watch_parent(0.1); "
                                  "import time; print('watching', flush=True); time.sleep(600)"]
 job.start([])
 print(json.dumps({"folder": str(job.folder), "worker": job.process.pid}), flush=True)
@@ -414,7 +414,7 @@ def test_segment_logic_through_the_worker_matches_the_engine(scene, bundle):
     from HSAMLib import mrml
     from HSAMLib.segment_logic import HSAMSegmentLogic
 
-    from hsam.bundle import load_bundle
+    from hsam.models.bundle import load_bundle
 
     volume = phantom_volume(6)[0]
     volume_node = mrml.node_from_volume(volume, scene, "CT")
@@ -434,7 +434,7 @@ def test_segment_logic_through_the_worker_matches_the_engine(scene, bundle):
 
 
 def test_a_failed_segmentation_leaves_the_scene_unchanged(scene, tmp_path):
-    from hsam.errors import HSAMError
+    from hsam.runtime.errors import HSAMError
     from HSAMLib import mrml
     from HSAMLib.segment_logic import HSAMSegmentLogic
 

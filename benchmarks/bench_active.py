@@ -65,8 +65,9 @@ CLASS_VALUES = (1, 2)
 
 def demo_data(z_step: int):
     """(volume, labels, segments) of the MNI152 demo, every ``z_step``-th axial slice."""
-    from hsam.demo import CLASSES, brain_labels, template_path
-    from hsam.io import Segment, Volume, read_volume
+    from hsam.demo import CLASSES
+    from hsam.evaluation.mni import brain_labels, template_path
+    from hsam.volumes.volume import Segment, Volume, read_volume
 
     t1 = read_volume(template_path("t1"))
     labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
@@ -108,7 +109,7 @@ class Loop:
     """One seed of the simulation: the data, the labelled range and a folder for the models."""
 
     def __init__(self, args, seed: int, folder: Path) -> None:
-        from hsam.training import annotated_slices
+        from hsam.guidance.priors import annotated_slices
 
         self.args, self.seed, self.folder = args, seed, folder
         self.volume, self.labels, self.segments = demo_data(args.z_step)
@@ -116,9 +117,9 @@ class Loop:
         self.range = (self.labelled[0], self.labelled[-1])
 
     def train(self, slices: list[int], base, name: str, epochs: int) -> Path:
-        from hsam.bundle import save_bundle
-        from hsam.preprocess import IntensityPreprocessing
-        from hsam.training import FinetuneConfig, finetune
+        from hsam.models.bundle import save_bundle
+        from hsam.training.finetune import FinetuneConfig, finetune
+        from hsam.volumes.preprocess import IntensityPreprocessing
 
         config = FinetuneConfig(
             preset="tiny", img_size=self.args.img_size, epochs=epochs, slices=sorted(slices), device="cpu",
@@ -130,8 +131,8 @@ class Loop:
         return save_bundle(self.folder / f"{name}.hsam", result.model, result.metadata, overwrite=True)
 
     def segment(self, path: Path, signal: str):
-        from hsam.bundle import load_bundle
-        from hsam.inference import segment_volume
+        from hsam.inference.segment import segment_volume
+        from hsam.models.bundle import load_bundle
 
         model, metadata = load_bundle(path)
         return segment_volume(model, self.volume, metadata, device="cpu", slice_range=self.range, uncertainty=signal)
@@ -141,7 +142,7 @@ class Loop:
         return [labelled[int((i + 0.5) * len(labelled) / count)] for i in range(count)]
 
     def choose(self, strategy: str, scores: np.ndarray, annotated: list[int], round_index: int) -> list[int]:
-        from hsam.suggest import suggest_slices, uniform_slices
+        from hsam.inference.suggest import suggest_slices, uniform_slices
 
         count = self.args.per_round
         if strategy == "suggest":
@@ -156,7 +157,7 @@ class Loop:
 
     def signal_quality(self, path: Path, annotated: list[int]) -> list[dict]:
         """Spearman (slice score, 1 − slice Dice) of each signal on the unannotated labelled slices."""
-        from hsam.uncertainty import OVERLAY_THRESHOLD, slice_scores
+        from hsam.inference.uncertainty import OVERLAY_THRESHOLD, slice_scores
 
         maps = {}
         for signal in ("disagreement", "entropy"):
@@ -257,7 +258,7 @@ def choose_gaps(strategy: str, gaps: list, count: int) -> list[int]:
 
 def propagate_and_rank(image: np.ndarray, labels: np.ndarray, painted: list[int]):
     """(labels propagated from the ``painted`` slices, their gaps ranked), one set of flows for both."""
-    from hsam.baselines import flow_propagator
+    from hsam.evaluation.baselines import flow_propagator
     from hsam.guidance.gaps import rank_gaps
 
     propagation, values = flow_propagator(image, labels, painted)
@@ -266,7 +267,7 @@ def propagate_and_rank(image: np.ndarray, labels: np.ndarray, painted: list[int]
 
 
 def flow_dice(predicted: np.ndarray, labels: np.ndarray, slices: list[int], values: list[int]) -> float:
-    from hsam.metrics import dice_score
+    from hsam.evaluation.metrics import dice_score
 
     return float(np.mean([dice_score(predicted[slices] == v, labels[slices] == v) for v in values]))
 

@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fewshot import MAX_LOAD, MAX_OTHER_CORES, annotate_every, quiet_start  # noqa: E402
 from common import OtherLoad, table, update_docs  # noqa: E402
-from hsam.errors import InputError  # noqa: E402
+from hsam.evaluation.metrics import dice_score  # noqa: E402
 from hsam.guidance import atlas as atlases_module  # noqa: E402
-from hsam.inference import segment_volume  # noqa: E402
-from hsam.io import Segment, read_labelmap, read_volume  # noqa: E402
-from hsam.metrics import dice_score  # noqa: E402
-from hsam.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.presets import DEFAULT_PRIOR  # noqa: E402
-from hsam.training import FinetuneConfig, TrainingCase, finetune_cohort  # noqa: E402
+from hsam.guidance.kinds import DEFAULT_PRIOR  # noqa: E402
+from hsam.inference.segment import segment_volume  # noqa: E402
+from hsam.runtime.errors import InputError  # noqa: E402
+from hsam.training.finetune import FinetuneConfig, TrainingCase, finetune_cohort  # noqa: E402
+from hsam.volumes.preprocess import IntensityPreprocessing  # noqa: E402
+from hsam.volumes.volume import Segment, read_labelmap, read_volume  # noqa: E402
 
 
 def load_patient(folder: Path):

@@ -23,9 +23,10 @@ from common import table, update_docs  # noqa: E402
 
 
 def main() -> None:
-    from hsam.bundle import save_bundle
-    from hsam.preprocess import IntensityPreprocessing
-    from hsam.training import FinetuneConfig, annotated_slices, finetune
+    from hsam.guidance.priors import annotated_slices
+    from hsam.models.bundle import save_bundle
+    from hsam.training.finetune import FinetuneConfig, finetune
+    from hsam.volumes.preprocess import IntensityPreprocessing
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)

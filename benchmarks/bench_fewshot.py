@@ -39,14 +39,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OtherLoad, table, update_docs  # noqa: E402
 
-from hsam.baselines import fill_between_slices, flow_propagation, nearest_slice_copy  # noqa: E402
-from hsam.demo import CLASSES, brain_labels, template_path  # noqa: E402
-from hsam.inference import segment_volume  # noqa: E402
-from hsam.io import Segment, Volume, read_labelmap, read_volume  # noqa: E402
-from hsam.metrics import dice_score  # noqa: E402
-from hsam.presets import DEFAULT_PRIOR  # noqa: E402
-from hsam.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.training import FinetuneConfig, annotated_slices, finetune  # noqa: E402
+from hsam.demo import CLASSES  # noqa: E402
+from hsam.evaluation.baselines import flow_propagation, nearest_slice_copy  # noqa: E402
+from hsam.evaluation.metrics import dice_score  # noqa: E402
+from hsam.evaluation.mni import brain_labels, template_path  # noqa: E402
+from hsam.guidance.fill import fill_between_slices  # noqa: E402
+from hsam.guidance.kinds import DEFAULT_PRIOR  # noqa: E402
+from hsam.guidance.priors import annotated_slices  # noqa: E402
+from hsam.inference.segment import segment_volume  # noqa: E402
+from hsam.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from hsam.volumes.preprocess import IntensityPreprocessing  # noqa: E402
+from hsam.volumes.volume import Segment, Volume, read_labelmap, read_volume  # noqa: E402
 
 MAX_LOAD = 1.5
 LOAD_WAIT = 300.0

@@ -39,8 +39,9 @@ CT_CLASSES = ("liver", "spleen", "leftkidney", "rightkidney")
 
 
 def mni():
-    from hsam.demo import CLASSES, brain_labels, template_path
-    from hsam.io import Segment, Volume, read_volume
+    from hsam.demo import CLASSES
+    from hsam.evaluation.mni import brain_labels, template_path
+    from hsam.volumes.volume import Segment, Volume, read_volume
 
     t1 = read_volume(template_path("t1"))
     labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
@@ -49,7 +50,7 @@ def mni():
 
 
 def ct(folder: Path):
-    from hsam.io import Segment, read_volume
+    from hsam.volumes.volume import Segment, read_volume
 
     volume = read_volume(folder / "image.nii.gz")
     raw = read_volume(folder / "labels.nii.gz").array
@@ -63,7 +64,7 @@ def ct(folder: Path):
 
 
 def dice_mean(prediction: np.ndarray, labels: np.ndarray, slices: list[int], count: int) -> float:
-    from hsam.metrics import dice_score
+    from hsam.evaluation.metrics import dice_score
 
     return float(np.mean([dice_score(prediction[slices] == v, labels[slices] == v) for v in range(1, count + 1)]))
 
@@ -71,7 +72,7 @@ def dice_mean(prediction: np.ndarray, labels: np.ndarray, slices: list[int], cou
 def run(name: str, volume, labels, segments, every: int) -> dict:
     import slicer
 
-    from hsam.baselines import fill_between_slices
+    from hsam.guidance.fill import fill_between_slices
     from HSAMLib import mrml
     from HSAMLib.fill_logic import DONE, FillOptions, HSAMFillLogic
 

@@ -21,8 +21,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def measure(preset: str, img_size: int, device: str, precision: str, mode: str, batch: int, checkpointing: bool) -> dict:
-    from hsam.build import build_hsam
-    from hsam.loss import HSAMLoss
+    from hsam.models.build import build_hsam
+    from hsam.training.loss import HSAMLoss
 
     torch.manual_seed(0)
     model = build_hsam(preset, num_classes=8, img_size=img_size).to(device)

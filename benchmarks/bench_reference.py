@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, bf16_available, peak_rss_gib, run_isolated, table, update_docs  # noqa: E402
 
-from hsam.cpu import cpu_capability  # noqa: E402
+from hsam.runtime.cpu import cpu_capability  # noqa: E402
 
 NUM_CLASSES = 8
 AGREEMENT_SLICES = 6
@@ -81,7 +81,7 @@ def reference_forward(model: torch.nn.Module, images: torch.Tensor, low_res_labe
 def build(which: str, args: argparse.Namespace) -> torch.nn.Module:
     if which == "reference":
         return load_reference(args.reference, args.preset, args.img_size)
-    from hsam.build import build_hsam
+    from hsam.models.build import build_hsam
 
     torch.manual_seed(0)
     return build_hsam(args.preset, num_classes=NUM_CLASSES, img_size=args.img_size)
@@ -89,7 +89,7 @@ def build(which: str, args: argparse.Namespace) -> torch.nn.Module:
 
 def make_step(which: str, mode: str, precision: str, batch: int, args: argparse.Namespace) -> Callable[[], None]:
     """One forward pass (inference mode, LoRA merged for ours) or one optimiser step of ``which``."""
-    from hsam.loss import HSAMLoss
+    from hsam.training.loss import HSAMLoss
 
     model = build(which, args)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
@@ -152,9 +152,9 @@ def paired(mode: str, precision: str, batch: int, args: argparse.Namespace) -> d
 def real_slices(img_size: int, fractions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial slices through the MNI152 brain at ``fractions`` of its height: ((N, 3, S, S) percentile-
     normalised images, (N, S, S) labels 0 background, 1 grey matter, 2 white matter)."""
-    from hsam.demo import brain_labels, template_path
-    from hsam.io import read_volume
-    from hsam.preprocess import IntensityPreprocessing, resize_slices, slices_to_model_input
+    from hsam.evaluation.mni import brain_labels, template_path
+    from hsam.volumes.preprocess import IntensityPreprocessing, resize_slices, slices_to_model_input
+    from hsam.volumes.volume import read_volume
 
     image = IntensityPreprocessing(mode="percentile").apply(read_volume(template_path("t1")).array)
     labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
@@ -167,7 +167,7 @@ def real_slices(img_size: int, fractions: np.ndarray) -> tuple[torch.Tensor, tor
 def fit_decoders(model: torch.nn.Module, steps: int) -> None:
     """Train the prompt encoder and both decoding stages (encoder frozen) to grey/white matter, so that
     the logits have the margins of a trained model rather than of random weights."""
-    from hsam.loss import HSAMLoss
+    from hsam.training.loss import HSAMLoss
 
     images, labels = real_slices(model.img_size, np.linspace(0.25, 0.75, 4))
     with torch.no_grad():
@@ -188,7 +188,7 @@ def fit_decoders(model: torch.nn.Module, steps: int) -> None:
 def agreement(args: argparse.Namespace) -> dict:
     """Float32 relative error of our logits against the reference's (same random weights), and the
     share of pixels with the same argmax under bf16 autocast once the decoders are fitted."""
-    from hsam.checkpoint import from_reference_state_dict
+    from hsam.models.checkpoint import from_reference_state_dict
 
     reference = load_reference(args.reference, args.preset, args.img_size).eval()
     ours = from_reference_state_dict(reference.state_dict(), args.preset, NUM_CLASSES, args.img_size).eval()

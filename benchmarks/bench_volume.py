@@ -28,7 +28,7 @@ TRAIN_SLICES = 10
 
 def synthetic_volume(depth: int, side: int):
     """A (depth, side, side) CT-like volume with a sphere and a box (labels 1, 2), 0.7×0.7×2.5 mm."""
-    from hsam.io import Volume
+    from hsam.volumes.volume import Volume
 
     z, y, x = np.meshgrid(np.linspace(-1, 1, depth), np.linspace(-1, 1, side), np.linspace(-1, 1, side),
                           indexing="ij", sparse=True)
@@ -41,7 +41,7 @@ def synthetic_volume(depth: int, side: int):
 
 
 def metadata_for(preset: str):
-    from hsam.bundle import BundleMetadata
+    from hsam.models.bundle import BundleMetadata
 
     return BundleMetadata(preset=preset, img_size=IMG_SIZE[preset], num_classes=NUM_CLASSES,
                           class_names=["sphere", "box"], class_colors=[(1, 0, 0), (0, 1, 0)], label_values=[1, 2],
@@ -49,8 +49,8 @@ def metadata_for(preset: str):
 
 
 def measure_segment(preset: str, precision: str, depth: int, batch: int) -> dict:
-    from hsam.build import build_hsam
-    from hsam.inference import segment_volume
+    from hsam.inference.segment import segment_volume
+    from hsam.models.build import build_hsam
 
     torch.manual_seed(0)
     model = build_hsam(preset, NUM_CLASSES, IMG_SIZE[preset]).eval()
@@ -77,8 +77,8 @@ def measure_segment(preset: str, precision: str, depth: int, batch: int) -> dict
 
 
 def measure_finetune(preset: str, precision: str, batch: int) -> dict:
-    from hsam.io import Segment
-    from hsam.training import FinetuneConfig, finetune
+    from hsam.training.finetune import FinetuneConfig, finetune
+    from hsam.volumes.volume import Segment
 
     volume, labels = synthetic_volume(40, 512)
     slices = list(np.linspace(5, 34, TRAIN_SLICES).astype(int))

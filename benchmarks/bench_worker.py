@@ -28,7 +28,7 @@ from HSAMLib.worker import SUCCEEDED, WorkerJob  # noqa: E402
 
 
 def time_in_process(model, volume, metadata, batch: int) -> float:
-    from hsam.inference import segment_volume
+    from hsam.inference.segment import segment_volume
 
     started = time.perf_counter()
     segment_volume(model, volume, metadata, device="cpu", batch_size=batch)
@@ -53,7 +53,7 @@ def time_worker(volume_path: Path, bundle: Path, batch: int) -> dict:
     ended = time.perf_counter()
     assert job.state == SUCCEEDED, job.error
     read_started = time.perf_counter()
-    from hsam.io import read_labelmap
+    from hsam.volumes.volume import read_labelmap
 
     read_labelmap(job.folder / "result.seg.nrrd")
     marks["read"] = time.perf_counter() - read_started
@@ -77,9 +77,9 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
 
-    from hsam.build import build_hsam
-    from hsam.bundle import save_bundle
-    from hsam.io import write_volume
+    from hsam.models.build import build_hsam
+    from hsam.models.bundle import save_bundle
+    from hsam.volumes.volume import write_volume
 
     torch.manual_seed(0)
     metadata = metadata_for(args.preset)

@@ -55,7 +55,7 @@ def machine() -> str:
 
 def cpu_features() -> str:
     """The CPU features the figures depend on: PyTorch's vector ISA and its bfloat16 support."""
-    from hsam.cpu import cpu_capability, cpu_supports_bf16
+    from hsam.runtime.cpu import cpu_capability, cpu_supports_bf16
 
     bf16 = "native bf16" if cpu_supports_bf16() else "bf16 kernels, not native" if bf16_available() else "no bf16"
     return f"{cpu_capability()}, {bf16}"
@@ -63,7 +63,7 @@ def cpu_features() -> str:
 
 def bf16_available() -> bool:
     """Whether bf16 configurations are worth timing here (oneDNN has bf16 kernels for this CPU)."""
-    from hsam.cpu import onednn_computes
+    from hsam.runtime.cpu import onednn_computes
 
     return onednn_computes(torch.bfloat16)
 

@@ -18,8 +18,8 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from hsam.errors import InputError
-from hsam.presets import SLICE_AXES
+from hsam.runtime.errors import InputError
+from hsam.volumes.constants import SLICE_AXES
 
 from . import mrml
 

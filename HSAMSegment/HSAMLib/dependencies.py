@@ -160,7 +160,7 @@ def install(plan: InstallPlan, install_torch: TorchInstaller, pip_install: Calla
     """Carry out ``plan`` with the given installers (in Slicer: ``PyTorchUtilsLogic.installTorch`` and
     ``slicer.util.pip_install``), on the main thread, after the user agreed once. Raises ``HSAMError``
     with ``plan.problem`` before installing anything when the plan cannot be carried out."""
-    from hsam.errors import HSAMError
+    from hsam.runtime.errors import HSAMError
 
     if plan.problem:
         raise HSAMError(plan.problem)

@@ -37,9 +37,10 @@ import numpy as np
 import slicer
 import vtk
 
-from hsam.errors import HSAMError, InputError
-from hsam.io import Segment, Volume, read_labelmap, write_raw_nrrd, write_segmentation
-from hsam.presets import DEFAULT_PRIOR, SLICE_AXES
+from hsam.guidance.kinds import DEFAULT_PRIOR
+from hsam.runtime.errors import HSAMError, InputError
+from hsam.volumes.constants import SLICE_AXES
+from hsam.volumes.volume import Segment, Volume, read_labelmap, write_raw_nrrd, write_segmentation
 
 from . import models, mrml
 from .training_logic import TINY_PRESET, base_model_arguments, move_into_folder

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from hsam.errors import CheckpointError, InputError
+from hsam.runtime.errors import CheckpointError, InputError
 
 MODELS_DIR_ENV = "HSAM_MODELS_DIR"
 HSAM_HOME_ENV = "HSAM_HOME"

@@ -15,10 +15,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from hsam.errors import InputError
-from hsam.files import write_atomic
-from hsam.io import Segment, Volume
-from hsam.presets import SLICE_AXES
+from hsam.runtime.errors import InputError
+from hsam.volumes.constants import SLICE_AXES
+from hsam.volumes.files import write_atomic
+from hsam.volumes.volume import Segment, Volume
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # Label value a segment had in the engine's labelmap; kept so that exported labelmaps reuse it.

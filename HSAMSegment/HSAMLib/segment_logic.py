@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from hsam.bundle import BundleMetadata, read_bundle_metadata
-from hsam.errors import InputError
-from hsam.io import Segment, read_labelmap, write_segmentation, write_volume
+from hsam.models.bundle import BundleMetadata, read_bundle_metadata
+from hsam.runtime.errors import InputError
+from hsam.volumes.volume import Segment, read_labelmap, write_segmentation, write_volume
 
 from . import mrml
 from .worker import WorkerJob

@@ -24,9 +24,9 @@ import numpy as np
 import slicer
 import vtk
 
-from hsam.errors import InputError
-from hsam.io import Volume, read_labelmap, read_volume, write_segmentation
-from hsam.presets import SLICE_AXES
+from hsam.runtime.errors import InputError
+from hsam.volumes.constants import SLICE_AXES
+from hsam.volumes.volume import Volume, read_labelmap, read_volume, write_segmentation
 
 from . import mrml
 from .segment_logic import ANNOTATIONS_FILE, INPUT_FILE, OnEvents, job_with_volume
@@ -101,7 +101,7 @@ class HSAMSuggestLogic:
     @staticmethod
     def loadPrediction(job: WorkerJob, axis: str) -> Prediction:
         """What a finished ``startPrediction`` job wrote (then its folder is removed); raises if it failed."""
-        from hsam.uncertainty import scores_csv_path
+        from hsam.inference.uncertainty import scores_csv_path
 
         try:
             job.check()
@@ -115,7 +115,7 @@ class HSAMSuggestLogic:
 
     @staticmethod
     def rank(prediction: Prediction, count: int, annotated: Sequence[int] = ()) -> list[int]:
-        from hsam.suggest import suggest_slices
+        from hsam.inference.suggest import suggest_slices
 
         return suggest_slices(prediction.scores, count, annotated)
 
@@ -131,7 +131,7 @@ class HSAMSuggestLogic:
     def suggest(self, volumeNode, modelPath, count: int = 5, segmentationNode=None, signal: Optional[str] = None,
                 device: str = "auto", onEvents: Optional[OnEvents] = None) -> Suggestions:
         """All steps in one call, waiting for the worker; slices annotated in ``segmentationNode`` are skipped."""
-        from hsam.bundle import read_bundle_metadata
+        from hsam.models.bundle import read_bundle_metadata
 
         axis = read_bundle_metadata(modelPath).slice_axis
         job = self.startPrediction(volumeNode, modelPath, signal, device)
@@ -202,7 +202,7 @@ class HSAMSuggestLogic:
     def showUncertainty(self, uncertainty: np.ndarray, volumeNode, previous=None):
         """A scalar volume on ``volumeNode``'s grid holding the map (replacing ``previous``), coloured
         blue→red above the region threshold, shown as the foreground of every slice view."""
-        from hsam.uncertainty import OVERLAY_THRESHOLD
+        from hsam.inference.uncertainty import OVERLAY_THRESHOLD
 
         scene = volumeNode.GetScene()
         if tuple(uncertainty.shape) != tuple(volumeNode.GetImageData().GetDimensions()[::-1]):

@@ -19,9 +19,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from hsam.bundle import atlas_bytes, read_bundle
-from hsam.errors import InputError
-from hsam.io import Segment, Volume, write_segmentation, write_volume
+from hsam.models.bundle import atlas_bytes, read_bundle
+from hsam.runtime.errors import InputError
+from hsam.volumes.volume import Segment, Volume, write_segmentation, write_volume
 
 from . import models, mrml
 from .segment_logic import OnEvents

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from hsam.errors import Cancelled, HSAMError
-from hsam.watchdog import PARENT_PID_VARIABLE, STATUS_FILE_VARIABLE, process_exists
+from hsam.runtime.errors import Cancelled, HSAMError
+from hsam.runtime.watchdog import PARENT_PID_VARIABLE, STATUS_FILE_VARIABLE, process_exists
 
 # The folder that holds the ``hsam`` package (the HSAMSegment module folder in Slicer).
 ENGINE_PARENT = Path(__file__).resolve().parent.parent

@@ -6,22 +6,21 @@ API below is imported on first use.
 
 from importlib import import_module
 
-from .errors import Cancelled, CheckpointError, HSAMError, HSAMWarning, InputError
-
-__version__ = "0.1.0"
+from .runtime.errors import Cancelled, CheckpointError, HSAMError, HSAMWarning, InputError
+from .runtime.version import __version__
 
 _LAZY = {
     "HSAM": "hsam.modeling.hsam",
     "HSAMOutput": "hsam.modeling.hsam",
-    "build_hsam": "hsam.build",
-    "PRESETS": "hsam.build",
-    "from_reference_state_dict": "hsam.checkpoint",
-    "load_reference_checkpoint": "hsam.checkpoint",
-    "save_reference_checkpoint": "hsam.checkpoint",
-    "load_sam_weights": "hsam.checkpoint",
-    "BundleMetadata": "hsam.bundle",
-    "load_bundle": "hsam.bundle",
-    "save_bundle": "hsam.bundle",
+    "build_hsam": "hsam.models.build",
+    "PRESETS": "hsam.models.presets",
+    "from_reference_state_dict": "hsam.models.checkpoint",
+    "load_reference_checkpoint": "hsam.models.checkpoint",
+    "save_reference_checkpoint": "hsam.models.checkpoint",
+    "load_sam_weights": "hsam.models.checkpoint",
+    "BundleMetadata": "hsam.models.bundle",
+    "load_bundle": "hsam.models.bundle",
+    "save_bundle": "hsam.models.bundle",
 }
 
 __all__ = ["Cancelled", "CheckpointError", "HSAMError", "HSAMWarning", "InputError", "__version__", *_LAZY]

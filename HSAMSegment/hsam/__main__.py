@@ -1,6 +1,6 @@
 """``python -m hsam`` (and ``torchrun -m hsam``): the ``hsam`` command line."""
 
-from .watchdog import report_exit, watch_parent
+from .runtime.watchdog import report_exit, watch_parent
 
 watch_parent()  # a worker started by Slicer ends with Slicer
 

@@ -22,18 +22,12 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .errors import Cancelled, InputError
-from .files import Outputs, write_bytes_atomic
-from .presets import DEFAULT_PRIOR
+from .evaluation.mni import CITATION, brain_labels, template_path
+from .guidance.kinds import DEFAULT_PRIOR
+from .runtime.errors import Cancelled
+from .volumes.files import Outputs, write_bytes_atomic
 
 PathLike = Union[str, os.PathLike]
-TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
-CITATION = (
-    "MNI152 ICBM 2009a nonlinear symmetric template: Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, "
-    "Collins DL, Brain Development Cooperative Group. Unbiased average age-appropriate atlases for "
-    "pediatric studies. NeuroImage 54(1), 2011. Copyright McConnell Brain Imaging Centre, "
-    "Montreal Neurological Institute; redistributed in the nilearn package."
-)
 CLASSES = (("Grey matter", 1, (0.96, 0.55, 0.20)), ("White matter", 2, (0.25, 0.65, 0.95)))
 ANNOTATE_EVERY = 10
 # The demo on a CPU: the tiny preset for at most this long (SAM ViT-B when its weights are given).
@@ -61,31 +55,6 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def template_path(kind: str) -> Path:
-    """The nilearn copy of the MNI152 2009a ``t1``, ``gm`` or ``wm`` image."""
-    try:
-        from importlib.resources import files
-    except ImportError:  # pragma: no cover - Python < 3.9
-        raise InputError("the demo needs Python 3.9 or later") from None
-    try:
-        data = files("nilearn.datasets") / "data"
-    except ModuleNotFoundError:
-        raise InputError("the demo needs the nilearn package (pip install nilearn), which ships the MNI152 template") from None
-    path = Path(str(data / TEMPLATE.format(kind)))
-    if not path.is_file():
-        raise InputError(f"this nilearn version lacks {path.name}; install nilearn 0.10 or later")
-    return path
-
-
-def brain_labels(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """uint8 labelmap from uint8 probability maps (value/255): 1 grey matter, 2 white matter."""
-    gm, wm = gm.astype(np.float32) / 255.0, wm.astype(np.float32) / 255.0
-    labels = np.zeros(gm.shape, dtype=np.uint8)
-    labels[(gm > 0.5) & (gm >= wm)] = 1
-    labels[(wm > 0.5) & (wm > gm)] = 2
-    return labels
-
-
 def _mm(value: Optional[float], decimals: int = 2) -> str:
     """A distance for tables; "-" when undefined (one of the masks is empty)."""
     return "-" if value is None else f"{value:.{decimals}f}"
@@ -95,7 +64,7 @@ def _mm(value: Optional[float], decimals: int = 2) -> str:
 
 def _score(prediction: np.ndarray, truth: np.ndarray, slices: list[int], spacing) -> dict[int, tuple[float, float]]:
     """Dice and HD95 (mm) per class on the given axial slices only."""
-    from .metrics import dice_score, hausdorff95
+    from .evaluation.metrics import dice_score, hausdorff95
 
     scores = {}
     for _, value, _ in CLASSES:
@@ -191,12 +160,15 @@ def run_demo(
     ViT-B is fine-tuned. ``cmattn``: "reference" or "paper" (see docs/model.md); ``seed`` makes the
     run repeatable. ``progress(fraction, message)``; ``cancel`` stops it before anything is written.
     """
-    from .baselines import fill_between_slices, flow_propagation, nearest_slice_copy
-    from .bundle import save_bundle
-    from .inference import segment_volume, select_device
-    from .io import Segment, Volume, read_volume, write_labelmap, write_segmentation, write_volume
-    from .preprocess import IntensityPreprocessing
-    from .training import FinetuneConfig, annotated_slices, finetune
+    from .evaluation.baselines import flow_propagation, nearest_slice_copy
+    from .guidance.fill import fill_between_slices
+    from .guidance.priors import annotated_slices
+    from .inference.segment import segment_volume
+    from .models.bundle import save_bundle
+    from .runtime.devices import select_device
+    from .training.finetune import FinetuneConfig, finetune
+    from .volumes.preprocess import IntensityPreprocessing
+    from .volumes.volume import Segment, Volume, read_volume, write_labelmap, write_segmentation, write_volume
 
     started = time.monotonic()
     report = progress or (lambda fraction, message: None)

@@ -180,7 +180,7 @@ interpolation of the painted slices and improves as the model learns. Cancel sto
     def _run(self, failure, action) -> bool:
         """Run ``action`` under the wait cursor; an HSAM error (bad input) is shown as one line, any other
         error with its details (and raised again). Returns whether it succeeded."""
-        from hsam.errors import HSAMError
+        from hsam.runtime.errors import HSAMError
 
         message = None
         with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):

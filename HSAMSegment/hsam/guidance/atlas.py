@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import Cancelled, InputError
-from ..presets import REGISTRATION_MODES
+from ..runtime.errors import Cancelled, InputError
 from .flow import FlowPropagation, flow_images, modality_of, one_hot
+from .kinds import REGISTRATION_MODES
 
 ATLAS_SPACING = 3.0  # mm: the grid atlases are kept and registered on
 AFFINE_SPACING = 6.0  # mm: the grid the affine stage runs on

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..runtime.errors import InputError
 
 # Intensities the flow sees: CT in a soft-tissue window, other images between two percentiles.
 FLOW_CT_WINDOW = (-200.0, 300.0)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import InputError
+from ..runtime.errors import InputError
 from .flow import FlowPropagation
 
 

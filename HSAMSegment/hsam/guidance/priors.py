@@ -30,9 +30,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
-from ..presets import PRIOR_KINDS, SLICE_AXES
+from ..runtime.errors import InputError
+from ..volumes.constants import SLICE_AXES
 from .flow import FlowPropagation
+from .kinds import PRIOR_KINDS
 
 PRIOR_LOGIT = 6.0
 DISTANCE_SCALE = 2.0
@@ -134,7 +135,7 @@ class SlicePrior:
         return out
 
     def _fill(self, low: int, high: int) -> np.ndarray:
-        from ..baselines import fill_between_slices
+        from .fill import fill_between_slices
 
         slab = self.labels[low : high + 1]
         return fill_between_slices(slab, [0, high - low], axis=0)

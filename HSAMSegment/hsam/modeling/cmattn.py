@@ -23,7 +23,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
-from ..presets import CMATTN_MODES
+from .options import CMATTN_MODES
 
 # Noise std of the i-th rarest class present in a batch (authors' modeling/utils.py).
 CLASS_BALANCING_NOISE = (0.35, 0.3, 0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0)

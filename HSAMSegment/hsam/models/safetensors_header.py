@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from .errors import CheckpointError
+from ..runtime.errors import CheckpointError
 
 PathLike = Union[str, os.PathLike]
 MAX_HEADER_BYTES = 100 * 2**20

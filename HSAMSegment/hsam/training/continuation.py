@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .io import Segment
+from ..runtime.errors import InputError
+from ..volumes.volume import Segment
 
 DEFAULT_NAME = re.compile(r"^(?:Label|Segment)_(\d+)$")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InputError
+from ..runtime.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -88,8 +88,8 @@ def scores_csv(scores: np.ndarray, axis: str) -> str:
 def write_uncertainty(path, uncertainty: np.ndarray, scores: np.ndarray, reference, axis: str, outputs) -> tuple[Path, Path]:
     """Stage the map (float32 on ``reference``'s grid, an ``hsam.io.Volume``) and the per-slice CSV
     beside it in ``outputs`` (an ``hsam.files.Outputs``); returns both paths."""
-    from .files import write_bytes_atomic
-    from .io import Volume, write_volume
+    from ..volumes.files import write_bytes_atomic
+    from ..volumes.volume import Volume, write_volume
 
     path, csv_path = Path(path), scores_csv_path(path)
     write_volume(path, Volume(uncertainty.astype(np.float32), reference.spacing, reference.origin, reference.direction),

@@ -3,40 +3,27 @@
 * ``nearest_slice_copy``: every slice takes the labels of the nearest annotated slice.
 * ``flow_propagation``: the annotated slices carried along the optical flow between neighbouring
   slices, both directions blended by distance (``hsam.guidance.flow``): the strongest of these.
-* ``fill_between_slices``: the Segment Editor's *Fill between slices* effect, i.e. ITK's
-  morphological contour interpolation (Albu et al., IEEE TBME 2008) through Slicer's
-  ``vtkITKMorphologicalContourInterpolator`` (PyPI ``slicer-core``), with the effect's settings.
+* ``fill_between_slices`` (``hsam.guidance.fill``, where the ``fill`` prior finds it): the Segment
+  Editor's *Fill between slices* effect.
 * ``atlas_registration``: the classical cross-subject baseline, a labelled subject registered onto
   another (affine, then B-spline, Mattes mutual information) with SimpleITK and its labels carried over.
 * ``majority_vote``: fuses the labelmaps of several atlases voxel by voxel.
 """
 
-import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from ..guidance.fill import check_annotated
+from ..runtime.errors import InputError
 
 Spacing = Sequence[float]  # (x, y, z) in mm, for (z, y, x) arrays
 
 
-def _check_annotated(labels: np.ndarray, annotated: Sequence[int], axis: int) -> list[int]:
-    if labels.ndim != 3:
-        raise InputError(f"expected a 3D labelmap, got an array of {labels.ndim} dimensions {labels.shape}")
-    chosen = sorted({int(i) for i in annotated})
-    if not chosen:
-        raise InputError("no annotated slice given")
-    outside = [i for i in chosen if not 0 <= i < labels.shape[axis]]
-    if outside:
-        raise InputError(f"slice {outside[0]} is outside the volume (0–{labels.shape[axis] - 1} along axis {axis})")
-    return chosen
-
-
 def nearest_slice_copy(labels: np.ndarray, annotated: Sequence[int], axis: int = 0) -> np.ndarray:
     """Every slice along ``axis`` takes the labels of the nearest annotated slice (the lower on ties)."""
-    source = np.asarray(_check_annotated(labels, annotated, axis))
+    source = np.asarray(check_annotated(labels, annotated, axis))
     nearest = source[np.abs(np.arange(labels.shape[axis])[:, None] - source[None]).argmin(1)]
     return np.take(labels, nearest, axis=axis)
 
@@ -56,9 +43,9 @@ def flow_propagator(image: np.ndarray, labels: np.ndarray, annotated: Sequence[i
                     modality: Optional[str] = None):
     """(``hsam.guidance.flow.FlowPropagation`` of the ``annotated`` slices along ``axis``, the label
     values of its classes 1…K), for ``flow_propagation``'s arguments."""
-    from .guidance.flow import FlowPropagation, flow_images, modality_of
+    from ..guidance.flow import FlowPropagation, flow_images, modality_of
 
-    chosen = _check_annotated(labels, annotated, axis)
+    chosen = check_annotated(labels, annotated, axis)
     if image.shape != labels.shape:
         raise InputError(f"the labels {labels.shape} do not match the image {image.shape}")
     if labels.min() < 0 or labels.max() >= 2**16:
@@ -71,45 +58,6 @@ def flow_propagator(image: np.ndarray, labels: np.ndarray, annotated: Sequence[i
     class_labels = lookup[np.moveaxis(labels, axis, 0)]
     propagation = FlowPropagation(flow_images(slices, modality or modality_of(slices)), class_labels, chosen, len(values))
     return propagation, values
-
-
-def fill_between_slices(labels: np.ndarray, annotated: Sequence[int], axis: int = 0) -> np.ndarray:
-    """The Segment Editor's *Fill between slices* given the ``annotated`` slices (along ``axis``) of ``labels``.
-
-    As the effect does, the annotated slices of every label go in as one labelmap and the
-    interpolator keeps its defaults (all labels, all axes, heuristic alignment, repeated dilations
-    with a cross); the annotated slices come out unchanged. Needs ``slicer-core``."""
-    chosen = _check_annotated(labels, annotated, axis)
-    if labels.min() < 0 or labels.max() >= 2**16:
-        raise InputError("label values must be between 0 and 65535")
-    sparse = np.zeros(labels.shape, dtype=np.uint8 if labels.max() < 2**8 else np.uint16)
-    index = [slice(None)] * 3
-    index[axis] = chosen
-    sparse[tuple(index)] = labels[tuple(index)]
-
-    slicer, vtk, numpy_support = _slicer_core()
-    image = vtk.vtkImageData()
-    image.SetDimensions(*sparse.shape[::-1])
-    vtk_type = vtk.VTK_UNSIGNED_CHAR if sparse.dtype == np.uint8 else vtk.VTK_UNSIGNED_SHORT
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(sparse.ravel(), deep=True, array_type=vtk_type))
-    interpolator = slicer.vtkITKMorphologicalContourInterpolator()
-    interpolator.SetInputData(image)
-    interpolator.Update()
-    filled = numpy_support.vtk_to_numpy(interpolator.GetOutput().GetPointData().GetScalars())
-    return filled.reshape(sparse.shape).astype(labels.dtype)
-
-
-def _slicer_core():
-    """(slicer, vtk, vtk.util.numpy_support), with slicer-core's ITK on its thread pool: with its
-    default TBB threader the process crashes when it exits after a large interpolation."""
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Pool")
-    try:
-        import slicer
-        import vtk
-        from vtk.util import numpy_support
-    except ImportError:
-        raise InputError("Fill between slices needs Slicer's libraries outside Slicer: pip install slicer-core") from None
-    return slicer, vtk, numpy_support
 
 
 # Atlas registration: Mattes mutual information (robust to contrast changes) on a random 5 % (affine)

@@ -5,12 +5,12 @@ from typing import Union
 
 import torch
 
-from .modeling.guidance import PriorGuidance
-from .modeling.hierarchical_decoder import HierarchicalDecoder
-from .modeling.image_encoder import ImageEncoder
-from .modeling.hsam import HSAM
-from .modeling.mask_decoder import MaskDecoder
-from .modeling.prompt import PromptFreeEncoder
+from ..modeling.guidance import PriorGuidance
+from ..modeling.hierarchical_decoder import HierarchicalDecoder
+from ..modeling.hsam import HSAM
+from ..modeling.image_encoder import ImageEncoder
+from ..modeling.mask_decoder import MaskDecoder
+from ..modeling.prompt import PromptFreeEncoder
 from .presets import PATCH_SIZE, PRESETS, SUPPORTED_IMG_SIZES, Preset
 
 

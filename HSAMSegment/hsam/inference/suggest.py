@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .errors import InputError
+from ..runtime.errors import InputError
 
 
 @dataclass

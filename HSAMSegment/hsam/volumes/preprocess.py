@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .presets import INTENSITY_MODES, SLICE_AXES  # noqa: F401 (SLICE_AXES: used by importers of this module)
+from ..runtime.errors import InputError
+from .constants import INTENSITY_MODES
 
 
 CT_WINDOW = (-125.0, 275.0)

@@ -1,5 +1,5 @@
-"""Segment a volume slice by slice with an H-SAM model: device and precision selection, batching with
-out-of-memory back-off, progress and cancellation.
+"""Segment a volume slice by slice with an H-SAM model: batching with out-of-memory back-off on the
+device and in the precision ``hsam.runtime.devices`` resolves, progress and cancellation.
 
 The volume is normalised with the bundle's intensity preprocessing, cut into slices along the
 bundle's slice axis, resized to the network's input and back, and each voxel gets the label value of
@@ -8,8 +8,6 @@ prediction). Memory beyond the output arrays does not grow with the number of sl
 """
 
 import contextlib
-import os
-import platform
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -17,19 +15,18 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .cpu import check_cpu_precision, cpu_capability, cpu_supports_bf16
-from .errors import Cancelled, HSAMError, InputError
-from .guidance.atlas import Atlas, atlas_prior
-from .guidance.flow import flow_images, modality_of
-from .guidance.priors import SlicePrior, annotated_slices, volume_class_labels
-from .modeling.hsam import HSAM
-from .modeling.image_encoder import release_scratch_buffer
-from .preprocess import SLICE_AXES, IntensityPreprocessing, logits_to_grid, slices_to_model_input
+from ..guidance.atlas import Atlas, atlas_prior
+from ..guidance.flow import flow_images, modality_of
+from ..guidance.priors import SlicePrior, annotated_slices, volume_class_labels
+from ..modeling.hsam import HSAM
+from ..modeling.image_encoder import release_scratch_buffer
+from ..runtime.devices import resolve_precision, select_device
+from ..runtime.errors import Cancelled, HSAMError, InputError
+from ..volumes.constants import SLICE_AXES
+from ..volumes.preprocess import IntensityPreprocessing, logits_to_grid, slices_to_model_input
 from .uncertainty import SIGNALS, slice_scores, stage_logits_on_grid, voxel_uncertainty
 
 Progress = Callable[[float, str], None]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
@@ -38,7 +35,7 @@ class SegmentationResult:
     """labels: (z, y, x) with the bundle's label values (0 = background); probabilities: (C+1, z, y, x)
     float16 softmax, channel 0 the background, when requested; uncertainty: (z, y, x) float32 in
     [0, 1] and slice_scores: (slices along the bundle's axis,) float64, NaN outside the segmented
-    range, when requested (see ``hsam.uncertainty``); prior: what a guided model corrected
+    range, when requested (see ``hsam.inference.uncertainty``); prior: what a guided model corrected
     (``annotations``, ``atlas``; None: prompt-free); notes: warnings for the user (classes found
     nowhere), one line each."""
 
@@ -48,78 +45,6 @@ class SegmentationResult:
     slice_scores: Optional[np.ndarray] = None
     prior: Optional[str] = None
     notes: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------ devices
-
-
-def select_device(name: Union[str, torch.device] = "auto") -> torch.device:
-    """``auto``: CUDA, then Apple MPS, then the CPU. Explicit ``cuda[:i]``, ``mps``, ``cpu`` must exist."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    name = name.strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f"unknown device {name!r}; choose auto, cpu, cuda or mps") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"no CUDA GPU is available to this PyTorch {torch.__version__}; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"there is no GPU {device.index} (this machine has {torch.cuda.device_count()})")
-    elif device.type == "mps":
-        if not _mps_available():
-            raise InputError("Apple MPS is not available on this machine; use --device cpu")
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device {name!r}; choose auto, cpu, cuda or mps")
-    return device
-
-
-def _mps_available() -> bool:
-    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-
-
-def describe_device(device: Union[str, torch.device]) -> str:
-    """One line for users: the GPU's name and memory, or the CPU and its thread count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
-        return f"CUDA GPU {index}: {props.name}, {props.total_memory / 2**30:.1f} GiB"
-    if device.type == "mps":
-        return f"Apple GPU (MPS), {platform.machine()}"
-    processor = platform.processor() or platform.machine()
-    bf16 = ", bfloat16" if cpu_supports_bf16() else ""
-    return (
-        f"CPU: {processor} ({cpu_capability()}), {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} PyTorch threads{bf16}"
-    )
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``precision`` on ``device``; None for float32.
-
-    ``auto``: bfloat16 on CUDA GPUs that support it, else float16; bfloat16 on CPUs with native
-    bfloat16; float32 otherwise (Apple MPS included). An explicit bf16 or fp16 that the CPU could only
-    emulate is refused (``InputError``) rather than run hundreds of times slower."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_supports_bf16():
-            return torch.bfloat16
-        return None
-    dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is not None and device.type == "cpu":
-        check_cpu_precision(dtype)
-    return dtype
 
 
 # ---------------------------------------------------------------------------------- inference

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modeling.hsam import HSAMOutput
+from ..modeling.hsam import HSAMOutput
 
 
 def soft_dice_loss(logits: Tensor, labels: Tensor, smooth: float = 1e-5) -> Tensor:

@@ -13,7 +13,8 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .io import Volume
+from ..volumes.volume import Volume, read_volume
+from .mni import brain_labels, template_path
 
 BIAS_GRID = 4  # control points per axis of the bias field
 FIELD_SPACING_MM = 4.0  # sampling of the smooth fields (deformation, bias) before linear interpolation
@@ -123,10 +124,7 @@ def make_subject(volume: Volume, labels: np.ndarray, seed: int, variation: Optio
 
 
 def mni_subjects(seeds, variation: Optional[Variation] = None) -> list[Subject]:
-    """Subjects made from the MNI152 2009a template and its grey/white-matter labels (see ``hsam.demo``)."""
-    from .demo import brain_labels, template_path
-    from .io import read_volume
-
+    """Subjects made from the MNI152 2009a template and its grey/white-matter labels (``hsam.evaluation.mni``)."""
     t1 = read_volume(template_path("t1"))
     labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
     return [make_subject(t1, labels, seed, variation) for seed in seeds]

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import InputError
+from ..runtime.errors import InputError
 
 CHUNK_BYTES = 1 << 22
 # NIfTI datatype code -> numpy type (the scalar and complex ones ITK reads).

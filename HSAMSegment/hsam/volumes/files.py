@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
-from .errors import InputError
+from ..runtime.errors import InputError
 
 PathLike = Union[str, os.PathLike]
 TEMPORARY_PREFIX = ".hsam-tmp-"

@@ -20,29 +20,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
-from . import __version__
-from .errors import CheckpointError, InputError, printable
-from .files import Outputs, check_writable, write_bytes_atomic
-from .presets import (
-    CHOICE_SOURCES,
-    REGISTRATION_MODES,
-    CMATTN_MODES,
-    INTENSITY_MODES,
-    MAX_CLASSES,
-    MAX_LABEL_VALUE,
-    MAX_LORA_RANK,
-    PRESETS,
-    PRIOR_KINDS,
-    SLICE_AXES,
-    SUPPORTED_IMG_SIZES,
-)
+from ..guidance.kinds import CHOICE_SOURCES, PRIOR_KINDS, REGISTRATION_MODES
+from ..modeling.options import CMATTN_MODES
+from ..runtime.errors import CheckpointError, InputError, printable
+from ..runtime.version import __version__
+from ..volumes.constants import INTENSITY_MODES, MAX_LABEL_VALUE, SLICE_AXES
+from ..volumes.files import Outputs, check_writable, write_bytes_atomic
+from .presets import MAX_CLASSES, MAX_LORA_RANK, PRESETS, SUPPORTED_IMG_SIZES
 from .safetensors_header import DTYPE_BYTES, SafetensorsHeader, read_header
 from .sam_weights import SAM_CHECKPOINTS, cached_sha256, default_cache_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from .modeling.hsam import HSAM
+    from ..modeling.hsam import HSAM
 
 PathLike = Union[str, os.PathLike]
 BUNDLE_SUFFIX = ".hsam"
@@ -307,7 +298,7 @@ def read_atlases(path: PathLike) -> list:
     """The ``hsam.guidance.atlas.Atlas`` list a bundle stores (empty without one)."""
     from safetensors import SafetensorError, safe_open
 
-    from .guidance.atlas import atlas_from_arrays
+    from ..guidance.atlas import atlas_from_arrays
 
     header, metadata = read_bundle(path)
     grids = ((metadata.guidance or {}).get("atlas") or {}).get("grids", [])

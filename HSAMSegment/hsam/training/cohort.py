@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import InputError
+from ..runtime.errors import InputError
 
 
 @dataclass

@@ -10,9 +10,9 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from . import __version__
+from ..runtime.errors import Cancelled, CheckpointError, HSAMError, InputError
+from ..runtime.version import __version__
 from .sam_weights import SAM_CHECKPOINTS, SamCheckpointInfo, default_cache_dir, remember_sha256, sha256_file
-from .errors import Cancelled, CheckpointError, HSAMError, InputError
 
 PathLike = Union[str, os.PathLike]
 CHUNK_SIZE = 1 << 20

@@ -42,24 +42,27 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from . import __version__
+from ..guidance.atlas import Atlas, AtlasPrior, atlas_prior, make_atlas
+from ..guidance.augment import mix_own_priors, perturb_priors
+from ..guidance.flow import flow_images, modality_of
+from ..guidance.kinds import CHOICE_SOURCES
+from ..guidance.priors import SlicePrior, annotated_slices
+from ..inference.segment import combine_sources
+from ..modeling.hsam import HSAM
+from ..models.build import build_hsam
+from ..models.bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata
+from ..models.checkpoint import load_sam_weights
+from ..models.presets import MAX_CLASSES
+from ..models.sam_weights import SAM_CHECKPOINTS, cached_sha256, check_sam_checkpoint
+from ..runtime.devices import resolve_precision, select_device
+from ..runtime.errors import Cancelled, CheckpointError, InputError
+from ..runtime.version import __version__
+from ..volumes.constants import MAX_LABEL_VALUE, SLICE_AXES
+from ..volumes.files import write_bytes_atomic
+from ..volumes.preprocess import IntensityPreprocessing
 from .augment import RandomAugmentation
-from .build import build_hsam
-from .bundle import BundleMetadata, default_color, load_bundle, read_bundle_metadata
-from .checkpoint import load_sam_weights
 from .continuation import align_to_base
-from .errors import Cancelled, CheckpointError, InputError
-from .files import write_bytes_atomic
-from .guidance.atlas import Atlas, AtlasPrior, atlas_prior, make_atlas
-from .guidance.augment import mix_own_priors, perturb_priors
-from .guidance.flow import flow_images, modality_of
-from .guidance.priors import SlicePrior, annotated_slices
-from .inference import combine_sources, resolve_precision, select_device
 from .loss import HSAMLoss
-from .modeling.hsam import HSAM
-from .preprocess import SLICE_AXES, IntensityPreprocessing
-from .presets import CHOICE_SOURCES, MAX_CLASSES, MAX_LABEL_VALUE
-from .sam_weights import SAM_CHECKPOINTS, cached_sha256, check_sam_checkpoint
 
 PathLike = Union[str, os.PathLike]
 

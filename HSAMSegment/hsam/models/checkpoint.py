@@ -15,11 +15,11 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from .build import PRESETS, Preset, build_hsam
-from .errors import CheckpointError
-from .files import error_reason
-from .modeling.hsam import HSAM
-from .sam_weights import SAM_CHECKPOINTS, default_cache_dir  # noqa: F401 (also offered here, as before)
+from ..modeling.hsam import HSAM
+from ..runtime.errors import CheckpointError
+from ..volumes.files import error_reason
+from .build import build_hsam
+from .presets import PRESETS, Preset
 
 PathLike = Union[str, os.PathLike]
 

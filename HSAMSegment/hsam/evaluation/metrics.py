@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .io import Segment, Volume, read_labelmap
+from ..runtime.errors import InputError
+from ..volumes.volume import Segment, Volume, read_labelmap
 
 Spacing = Sequence[float]  # (x, y, z) in mm, for (z, y, x) arrays
 

@@ -5,19 +5,7 @@ from dataclasses import asdict, dataclass
 
 PATCH_SIZE = 16
 SUPPORTED_IMG_SIZES = (224, 256, 512, 1024)
-CMATTN_MODES = ("reference", "paper")
-INTENSITY_MODES = ("ct", "percentile")
-# Guided mode: how annotated slices are interpolated into a prior (see hsam.guidance.priors).
-PRIOR_KINDS = ("flow", "linear", "nearest", "fill", "distance")
-DEFAULT_PRIOR = "flow"
-# What a guided model keeps per class: its prior, its guided output or its prompt-free output.
-CHOICE_SOURCES = ("prior", "guided", "prompt-free")
-# How atlases are registered onto a new volume (hsam.guidance.atlas).
-REGISTRATION_MODES = ("deformable", "affine", "none")
-# Slice axis name -> axis of a (z, y, x) array.
-SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
 MAX_CLASSES = 255
-MAX_LABEL_VALUE = 2**16 - 1
 MAX_LORA_RANK = 64
 
 

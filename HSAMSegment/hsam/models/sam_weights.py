@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .errors import CheckpointError, HSAMError, InputError
-from .files import real_path, write_bytes_atomic
+from ..runtime.errors import CheckpointError, HSAMError, InputError
+from ..volumes.files import real_path, write_bytes_atomic
 
 PathLike = Union[str, os.PathLike]
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"

@@ -25,10 +25,10 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import HSAMWarning, InputError, printable
+from ..runtime.errors import HSAMWarning, InputError, printable
+from .constants import MAX_LABEL_VALUE
 from .files import Outputs, error_reason, expect_size, file_suffix, real_path, write_atomic
 from .nifti import check_nifti
-from .presets import MAX_LABEL_VALUE
 
 PathLike = Union[str, os.PathLike]
 

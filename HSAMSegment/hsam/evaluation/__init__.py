@@ -1,0 +1,1 @@
+"""Scoring segmentations: metrics, the baselines a Slicer user has without a model, MNI template and synthetic subjects."""

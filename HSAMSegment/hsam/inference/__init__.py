@@ -1,0 +1,1 @@
+"""Segmenting a volume with a model: the slices through the network, its uncertainty, the slices to paint next."""

@@ -1,0 +1,1 @@
+"""Volumes and segmentations: files read and written safely, their constants, and slices made network input."""
