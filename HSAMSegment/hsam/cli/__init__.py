@@ -24,17 +24,17 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
-from .guidance.kinds import DEFAULT_PRIOR, PRIOR_KINDS
-from .runtime.errors import HSAMError, HSAMWarning, InputError, printable
-from .runtime.progress import JsonProgress
-from .runtime.version import __version__
-from .volumes.constants import SLICE_AXES
-from .volumes.files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
+from ..guidance.kinds import DEFAULT_PRIOR, PRIOR_KINDS
+from ..runtime.errors import HSAMError, HSAMWarning, InputError, printable
+from ..runtime.progress import JsonProgress
+from ..runtime.version import __version__
+from ..volumes.constants import SLICE_AXES
+from ..volumes.files import Outputs, check_distinct, check_writable, file_suffix, write_bytes_atomic
 
 if TYPE_CHECKING:
-    from .inference.segment import SegmentationResult
-    from .models.bundle import BundleMetadata
-    from .volumes.volume import Volume
+    from ..inference.segment import SegmentationResult
+    from ..models.bundle import BundleMetadata
+    from ..volumes.volume import Volume
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -206,7 +206,7 @@ def _segment(args: argparse.Namespace) -> None:
     with Outputs(args.overwrite) as outputs, _progress(args, "segmenting", "load") as bar:
         outputs.claim([output, probabilities, *_uncertainty_files(uncertainty)])
         volume, metadata, result, summary = _segment_volume(args, probabilities is not None, bar)
-        from .volumes.volume import Segment, write_output
+        from ..volumes.volume import Segment, write_output
 
         bar.start("write", f"writing {output.name}")
         segments = [
@@ -219,7 +219,7 @@ def _segment(args: argparse.Namespace) -> None:
         if probabilities is not None:
             _write_probabilities(probabilities, result.probabilities, volume, outputs)
         if uncertainty is not None:
-            from .inference.uncertainty import write_uncertainty
+            from ..inference.uncertainty import write_uncertainty
 
             write_uncertainty(uncertainty, result.uncertainty, result.slice_scores, volume, metadata.slice_axis, outputs)
         outputs.publish()
@@ -238,10 +238,10 @@ def _propagate(args: argparse.Namespace) -> None:
     check_distinct([output], [args.volume, args.annotations])
     with Outputs(args.overwrite) as outputs, _progress(args, "propagating", "load") as bar:
         outputs.claim([output])
-        from .evaluation.baselines import flow_propagation
-        from .guidance.flow import modality_of
-        from .guidance.priors import annotated_slices
-        from .volumes.volume import read_labelmap, read_volume, write_output
+        from ..evaluation.baselines import flow_propagation
+        from ..guidance.flow import modality_of
+        from ..guidance.priors import annotated_slices
+        from ..volumes.volume import read_labelmap, read_volume, write_output
 
         bar.start("load", f"loading {Path(args.volume).name} and {Path(args.annotations).name}")
         volume = read_volume(args.volume, series=args.series)
@@ -271,8 +271,8 @@ def _segment_volume(
 ) -> tuple[Volume, BundleMetadata, SegmentationResult, str]:
     """Check the model file, read the volume, then check the precision, load the model and segment:
     (volume, metadata, SegmentationResult, a summary line)."""
-    from .models.bundle import read_bundle_metadata
-    from .volumes.volume import read_volume
+    from ..models.bundle import read_bundle_metadata
+    from ..volumes.volume import read_volume
 
     metadata = read_bundle_metadata(args.model)  # a bad model file is refused before the volume is read
     if args.annotations is not None and not metadata.guided:
@@ -282,9 +282,9 @@ def _segment_volume(
     volume = read_volume(args.volume, series=args.series)
     annotations = _read_annotations(args.annotations, volume, metadata, args.model) if args.annotations else None
 
-    from .inference.segment import segment_volume
-    from .models.bundle import load_bundle, read_atlases
-    from .runtime.devices import describe_device, resolve_precision, select_device
+    from ..inference.segment import segment_volume
+    from ..models.bundle import load_bundle, read_atlases
+    from ..runtime.devices import describe_device, resolve_precision, select_device
 
     device = select_device(args.device)
     resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
@@ -311,8 +311,8 @@ def _segment_volume(
 def _read_annotations(path: str, volume, metadata: BundleMetadata, model_path: str):
     """The annotation labelmap on the volume's grid, in the model's label values (segments matched
     by name, as when continuing a model; see ``hsam.continuation``)."""
-    from .training.continuation import align_to_base
-    from .volumes.volume import read_labelmap
+    from ..training.continuation import align_to_base
+    from ..volumes.volume import read_labelmap
 
     labels, segments = read_labelmap(path, reference=volume)
     if not labels.any():
@@ -334,7 +334,7 @@ def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) ->
         return
     import SimpleITK as sitk
 
-    from .volumes.volume import write_image
+    from ..volumes.volume import write_image
 
     image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1).astype(np.float32), isVector=True)
     image.SetSpacing([float(s) for s in volume.spacing])
@@ -345,13 +345,13 @@ def _write_probabilities(path: Path, probabilities, volume, outputs: Outputs) ->
 
 def _uncertainty_files(path: Optional[Path]) -> list[Path]:
     """The uncertainty map and its per-slice CSV, or nothing."""
-    from .inference.uncertainty import scores_csv_path
+    from ..inference.uncertainty import scores_csv_path
 
     return [] if path is None else [path, scores_csv_path(path)]
 
 
 def _check_uncertainty_output(path: Path, overwrite: bool) -> None:
-    from .inference.uncertainty import MAP_SUFFIXES, scores_csv_path
+    from ..inference.uncertainty import MAP_SUFFIXES, scores_csv_path
 
     _check_output(path, overwrite, MAP_SUFFIXES, "uncertainty map")
     _check_output(scores_csv_path(path), overwrite, (".csv",), "per-slice score file")
@@ -363,8 +363,8 @@ def _annotated_slices(text: Optional[str], volume, axis: str) -> list[int]:
         return []
     if all(part.strip().isdigit() for part in text.split(",")):
         return _int_list(text)
-    from .guidance.priors import annotated_slices
-    from .volumes.volume import read_labelmap
+    from ..guidance.priors import annotated_slices
+    from ..volumes.volume import read_labelmap
 
     labels, _ = read_labelmap(text, reference=volume)
     return annotated_slices(labels, axis)
@@ -401,10 +401,10 @@ def _suggest_gaps(args: argparse.Namespace) -> None:
     check_distinct([args.csv], [args.volume, args.annotated])
     axis_name = args.axis or "axial"
     with _progress(args, "ranking gaps", "load", enabled=not args.json) as bar:
-        from .evaluation.baselines import flow_propagator
-        from .guidance.gaps import rank_gaps
-        from .guidance.priors import annotated_slices
-        from .volumes.volume import read_labelmap, read_volume
+        from ..evaluation.baselines import flow_propagator
+        from ..guidance.gaps import rank_gaps
+        from ..guidance.priors import annotated_slices
+        from ..volumes.volume import read_labelmap, read_volume
 
         volume = read_volume(args.volume)
         labels, _ = read_labelmap(args.annotated, reference=volume)
@@ -430,11 +430,11 @@ def _suggest_gaps(args: argparse.Namespace) -> None:
 
 def _suggest_uncertain(args: argparse.Namespace) -> None:
     """With a model: the slices where it is least sure, spread over the volume."""
-    from .inference.segment import segment_volume
-    from .inference.suggest import SpreadRule, suggest_slices
-    from .models.bundle import load_bundle, read_bundle_metadata
-    from .runtime.devices import select_device
-    from .volumes.volume import read_volume
+    from ..inference.segment import segment_volume
+    from ..inference.suggest import SpreadRule, suggest_slices
+    from ..models.bundle import load_bundle, read_bundle_metadata
+    from ..runtime.devices import select_device
+    from ..volumes.volume import read_volume
 
     metadata = read_bundle_metadata(args.model)
     if args.axis is not None and args.axis != metadata.slice_axis:
@@ -477,7 +477,7 @@ def _report_suggestions(args: argparse.Namespace, bar, axis: str, ranking: str, 
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from .training.cohort import cases_from_arguments
+    from ..training.cohort import cases_from_arguments
 
     output = Path(args.output)
     _check_output(output, args.overwrite, (".hsam",), "model file")
@@ -490,9 +490,9 @@ def _finetune(args: argparse.Namespace) -> None:
         _check_input(path, what)
     files = [path for case in listed for path in (case.first, case.second)]
     check_distinct([output, args.preview], [*files, args.sam_checkpoint, args.base_model])
-    from .models.bundle import read_bundle_metadata
-    from .models.sam_weights import check_sam_checkpoint
-    from .volumes.volume import read_labelmap, read_volume
+    from ..models.bundle import read_bundle_metadata
+    from ..models.sam_weights import check_sam_checkpoint
+    from ..volumes.volume import read_labelmap, read_volume
 
     preset = args.preset or "tiny"
     if args.base_model is not None:
@@ -501,7 +501,7 @@ def _finetune(args: argparse.Namespace) -> None:
             raise InputError(f"{Path(args.base_model).name} is a {base_preset} model, not --preset {args.preset}")
     elif args.sam_checkpoint is not None:
         check_sam_checkpoint(args.sam_checkpoint, preset)
-    from .training.finetune import TrainingCase
+    from ..training.finetune import TrainingCase
 
     cases = []
     for case in listed:
@@ -509,10 +509,10 @@ def _finetune(args: argparse.Namespace) -> None:
         labels, segments = read_labelmap(case.second, reference=volume, resample=args.resample_labels)
         cases.append(TrainingCase(volume, labels, segments, case.slices, case.name))
 
-    from .models.bundle import save_bundle
-    from .runtime.devices import select_device
-    from .training.finetune import FinetuneConfig, finetune_cohort, is_main_process, training_precision
-    from .volumes.preprocess import IntensityPreprocessing
+    from ..models.bundle import save_bundle
+    from ..runtime.devices import select_device
+    from ..training.finetune import FinetuneConfig, finetune_cohort, is_main_process, training_precision
+    from ..volumes.preprocess import IntensityPreprocessing
 
     training_precision(args.precision, select_device(args.device))  # refuse an emulated precision before training
     preprocessing = None
@@ -586,9 +586,9 @@ class _PreviewWriter:
     def __call__(self, model, metadata: BundleMetadata) -> None:
         if time.monotonic() - self.last < self.interval:
             return
-        from .inference.segment import segment_volume
-        from .training.continuation import align_to_base
-        from .volumes.volume import write_output
+        from ..inference.segment import segment_volume
+        from ..training.continuation import align_to_base
+        from ..volumes.volume import write_output
 
         labels, segments = align_to_base(self.case.labels, self.case.segments, metadata, self.path.name)
         annotations = labels if metadata.guided else None
@@ -601,14 +601,14 @@ class _PreviewWriter:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .training.cohort import cases_from_arguments
+    from ..training.cohort import cases_from_arguments
 
     outputs = [(Path(p), kind) for p, kind in ((args.json, ".json"), (args.csv, ".csv")) if p is not None]
     for path, kind in outputs:
         _check_output(path, args.overwrite, (kind,), f"{kind[1:].upper()} file")
     cases = cases_from_arguments(args.inputs, args.manifest, ("prediction", "reference"))
     check_distinct([path for path, _ in outputs], [path for case in cases for path in (case.first, case.second)])
-    from .evaluation.metrics import evaluate, summarise
+    from ..evaluation.metrics import evaluate, summarise
 
     rows = [{"case": case.name, **row}
             for case in cases for row in evaluate(case.first, case.second, resample=args.resample_labels)]
@@ -660,7 +660,7 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _info_sam(path: Path) -> None:
-    from .models.sam_weights import SAM_CHECKPOINTS, cached_sha256
+    from ..models.sam_weights import SAM_CHECKPOINTS, cached_sha256
 
     name = printable(path.name)
     by_name = {info.filename: preset for preset, info in SAM_CHECKPOINTS.items()}
@@ -679,7 +679,7 @@ def _info_sam(path: Path) -> None:
 
 
 def _info_bundle(path: Path) -> None:
-    from .models.bundle import ATLAS_PREFIX, atlas_bytes, read_bundle
+    from ..models.bundle import ATLAS_PREFIX, atlas_bytes, read_bundle
 
     header, metadata = read_bundle(path)
     weights = {k: t for k, t in header.tensors.items() if not k.startswith(ATLAS_PREFIX)}
@@ -728,7 +728,7 @@ def _class_choice(guidance: Optional[dict], index: int, where: str = "") -> str:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from .models.download import download_sam_weights
+    from ..models.download import download_sam_weights
 
     with _progress(args, f"SAM {args.name}", "download") as bar:
         path = download_sam_weights(args.name, cache_dir=args.cache_dir, progress=bar)
@@ -739,14 +739,14 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _devices(args: argparse.Namespace) -> None:
-    from .runtime.devices import describe_probe, probe_devices
+    from ..runtime.devices import describe_probe, probe_devices
 
     probe = probe_devices()
     print(json.dumps(probe) if args.json else "\n".join(describe_probe(probe)))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     with _ProgressBar("demo") as bar:
         result = run_demo(
@@ -792,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"resample {what} onto the other grid (nearest neighbour) instead of refusing it")
 
     def uncertainty_signal_option(p: argparse.ArgumentParser, flag: str) -> None:
-        from .inference.uncertainty import DEFAULT_SIGNAL, SIGNALS
+        from ..inference.uncertainty import DEFAULT_SIGNAL, SIGNALS
 
         p.add_argument(flag, default=DEFAULT_SIGNAL, choices=SIGNALS,
                        help="disagreement of the two decoding stages, entropy of their mean probabilities, or "
