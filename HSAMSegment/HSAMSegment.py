@@ -515,7 +515,7 @@ class HSAMSegmentTest(ScriptedLoadableModuleTest):
 
     def test_segment_generated_volume(self):
         import numpy as np
-        from hsam.volumes.volume import Segment
+        from hsam.volumes.segmentation import Segment
         from HSAMLib import dependencies, mrml
         from HSAMLib.segment_logic import HSAMSegmentLogic as Segmenter
         from HSAMLib.training_logic import HSAMTrainingLogic as Trainer

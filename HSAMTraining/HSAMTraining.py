@@ -332,7 +332,7 @@ class HSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.modules.plots.logic().ShowChartInLayout(self._curves.chartNode)
 
     def _onProgress(self, events) -> None:
-        """Progress events of the worker (``hsam.progress``); each epoch's loss goes into the curves."""
+        """Progress events of the worker (``hsam.runtime.progress``); each epoch's loss goes into the curves."""
         self.ui.progressBar.value = int(100 * events[-1]["fraction"])
         self.ui.statusLabel.text = events[-1]["message"]
         for event in events:
@@ -523,7 +523,7 @@ class HSAMTrainingTest(ScriptedLoadableModuleTest):
 
     def test_finetune_tiny_preset(self):
         import numpy as np
-        from hsam.volumes.volume import Segment
+        from hsam.volumes.segmentation import Segment
         from HSAMLib import dependencies, mrml
         from HSAMLib.segment_logic import HSAMSegmentLogic
         from HSAMLib.plots import TrainingCurves

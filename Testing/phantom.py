@@ -42,8 +42,9 @@ def phantom_arrays(
 
 
 def phantom_volume(shape: tuple[int, int, int] = (40, 64, 64), label_values: Sequence[int] = (1, 2, 3), **kwargs):
-    """(hsam.io.Volume, labels, segments): the phantom scaled to 0–1000 on a 0.8 × 0.8 × 2 mm grid."""
-    from hsam.volumes.volume import Segment, Volume
+    """(hsam.volumes.volume.Volume, labels, segments): the phantom scaled to 0–1000 on a 0.8 × 0.8 × 2 mm grid."""
+    from hsam.volumes.segmentation import Segment
+    from hsam.volumes.volume import Volume
 
     image, labels = phantom_arrays(shape, label_values, **kwargs)
     volume = Volume(

@@ -19,15 +19,11 @@ from hsam.inference.segment import segment_volume
 from hsam.models.build import build_hsam
 from hsam.models.bundle import BundleMetadata, read_atlases, read_bundle_metadata, save_bundle
 from hsam.runtime.errors import InputError
-from hsam.training.finetune import (
-    FinetuneConfig,
-    TrainingCase,
-    finetune_cohort,
-    leave_one_out_atlas_priors,
-    training_atlases,
-)
+from hsam.training.config import FinetuneConfig, TrainingCase
+from hsam.training.data import leave_one_out_atlas_priors, training_atlases
+from hsam.training.finetune import finetune_cohort
 from hsam.volumes.preprocess import IntensityPreprocessing
-from hsam.volumes.volume import Segment
+from hsam.volumes.segmentation import Segment
 from test_atlas import ATLAS_POSES, NEW_POSE, patient
 
 SEGMENTS = [Segment("organ a", 1, (0.9, 0.3, 0.2)), Segment("organ b", 2, (0.2, 0.6, 0.9))]

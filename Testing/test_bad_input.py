@@ -21,7 +21,8 @@ from hsam.cli import main
 from hsam.models.sam_weights import SAM_CHECKPOINTS, cached_sha256, sha256_file, sha256_record
 from hsam.runtime.errors import HSAMWarning
 from hsam.volumes.files import TEMPORARY_PREFIX, Outputs, write_atomic, write_bytes_atomic
-from hsam.volumes.volume import Volume, read_labelmap, write_labelmap, write_segmentation, write_volume
+from hsam.volumes.segmentation import read_labelmap, write_labelmap, write_segmentation
+from hsam.volumes.volume import Volume, write_volume
 from test_cli import _bundle, _write_image, assert_one_line_error
 from test_io import LIVER, write_dicom_series
 
@@ -195,7 +196,7 @@ def _segmentation_file(path: Path, **fields: str) -> Path:
     volume = Volume(np.zeros(SHAPE, np.uint8), SPACING, ORIGIN)
     labels = np.zeros(SHAPE, np.uint8)
     labels[1:3, 5:9, 5:9] = 1
-    from hsam.volumes.volume import Segment
+    from hsam.volumes.segmentation import Segment
 
     write_segmentation(path, labels, volume, [Segment("liver", 1, (0.5, 0.5, 0.5), LIVER)])
     image = sitk.ReadImage(str(path))
@@ -352,7 +353,8 @@ def test_a_model_is_never_saved_with_metadata_it_could_not_be_read_with(tmp_path
 
 def test_more_classes_than_a_model_holds_are_refused_before_training():
     from hsam.runtime.errors import InputError
-    from hsam.training.finetune import FinetuneConfig, finetune
+    from hsam.training.config import FinetuneConfig
+    from hsam.training.finetune import finetune
 
     labels = np.arange(np.prod(SHAPE)).reshape(SHAPE) % 300
     with pytest.raises(InputError, match="at most 255 classes"):
@@ -487,7 +489,7 @@ def test_output_inside_a_dicom_folder_is_refused(tmp_path, model, out, capsys):
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".NII.GZ", ".seg.nrrd", ".mha"])
 def test_long_and_upper_case_output_names_work(tmp_path, suffix):
-    from hsam.volumes.volume import write_output
+    from hsam.volumes.segmentation import write_output
 
     output = tmp_path / ("x" * (255 - len(suffix)) + suffix)  # the longest name the file system allows
     labels = np.random.default_rng(4).integers(0, 3, SHAPE).astype(np.uint8)

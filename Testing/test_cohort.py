@@ -11,8 +11,10 @@ import pytest
 from hsam.cli import main
 from hsam.evaluation.metrics import dice_score
 from hsam.models.bundle import read_bundle_metadata
-from hsam.training.finetune import FinetuneConfig, TrainingCase, finetune_cohort
-from hsam.volumes.volume import Segment, Volume, write_labelmap, write_segmentation, write_volume
+from hsam.training.config import FinetuneConfig, TrainingCase
+from hsam.training.finetune import finetune_cohort
+from hsam.volumes.segmentation import Segment, write_labelmap, write_segmentation
+from hsam.volumes.volume import Volume, write_volume
 from phantom import every_nth_annotated, phantom_arrays
 
 OBLIQUE = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # rotated 90° about z

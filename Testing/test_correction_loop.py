@@ -17,9 +17,11 @@ from hsam.inference.uncertainty import DEFAULT_SIGNAL, SIGNALS, scores_csv_path,
 from hsam.models.build import build_hsam
 from hsam.models.bundle import BundleMetadata, load_bundle, read_bundle_metadata, save_bundle
 from hsam.runtime.errors import InputError
-from hsam.training.finetune import FinetuneConfig, finetune
+from hsam.training.config import FinetuneConfig
+from hsam.training.finetune import finetune
 from hsam.volumes.preprocess import IntensityPreprocessing
-from hsam.volumes.volume import Segment, Volume, read_volume, write_segmentation
+from hsam.volumes.segmentation import Segment, write_segmentation
+from hsam.volumes.volume import Volume, read_volume
 from phantom import phantom_arrays
 
 SPACING, ORIGIN = (0.8, 0.7, 2.0), (-20.0, -15.0, -7.0)

@@ -21,7 +21,9 @@ TRAIN_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from phantom import phantom_volume
     from hsam.models.bundle import save_bundle
-    from hsam.training.finetune import FinetuneConfig, finetune, is_main_process
+    from hsam.training.config import FinetuneConfig
+    from hsam.training.distributed import is_main_process
+    from hsam.training.finetune import finetune
 
     out = sys.argv[1]
     volume, labels, segments = phantom_volume((16, 48, 48))

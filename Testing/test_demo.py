@@ -11,7 +11,8 @@ from hsam.demo import TITLE_HEIGHT, run_demo
 from hsam.evaluation.baselines import nearest_slice_copy
 from hsam.evaluation.mni import brain_labels, template_path
 from hsam.guidance.priors import annotated_slices
-from hsam.volumes.volume import read_labelmap, read_volume
+from hsam.volumes.segmentation import read_labelmap
+from hsam.volumes.volume import read_volume
 
 pytest.importorskip("nilearn")
 

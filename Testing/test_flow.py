@@ -19,7 +19,7 @@ from hsam.guidance.priors import SlicePrior
 from hsam.inference.segment import combine_sources, segment_volume
 from hsam.models.build import build_hsam
 from hsam.models.bundle import BundleMetadata
-from hsam.training.finetune import _class_dice, choose_sources, select_sources
+from hsam.training.selection import _class_dice, choose_sources, select_sources
 from hsam.volumes.preprocess import IntensityPreprocessing
 from hsam.volumes.volume import Volume
 from phantom import phantom_volume
@@ -235,7 +235,7 @@ def test_cli_propagate_writes_the_propagation(tmp_path):
     result = _hsam("propagate", str(volume), str(drawn), "-o", str(tmp_path / "out.seg.nrrd"))
     assert result.returncode == 0, result.stderr
     assert "3 annotated axial slices propagated" in result.stderr and "(mr)" in result.stderr
-    from hsam.volumes.volume import read_labelmap
+    from hsam.volumes.segmentation import read_labelmap
 
     written, segments = read_labelmap(tmp_path / "out.seg.nrrd")
     np.testing.assert_array_equal(written, flow_propagation(image, labels * 4, [0, 10, 20]))

@@ -18,7 +18,9 @@ from hsam.inference.segment import segment_volume
 from hsam.models.build import build_hsam
 from hsam.models.bundle import BundleMetadata, load_bundle, save_bundle
 from hsam.runtime.errors import InputError
-from hsam.training.finetune import FinetuneConfig, finetune, leave_one_out_priors, volume_prior
+from hsam.training.config import FinetuneConfig
+from hsam.training.data import leave_one_out_priors, volume_prior
+from hsam.training.finetune import finetune
 from hsam.volumes.preprocess import IntensityPreprocessing
 from phantom import phantom_volume
 

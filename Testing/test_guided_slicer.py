@@ -11,7 +11,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 
 from hsam.runtime.errors import Cancelled, InputError  # noqa: E402
-from hsam.volumes.volume import Segment  # noqa: E402
+from hsam.volumes.segmentation import Segment  # noqa: E402
 from HSAMLib import models, mrml  # noqa: E402
 from HSAMLib.segment_logic import NEEDS_GUIDANCE, RESULT_ATTRIBUTE, HSAMSegmentLogic, Prior  # noqa: E402
 from HSAMLib.training_logic import HSAMTrainingLogic  # noqa: E402
@@ -124,7 +124,8 @@ def atlas_bundles(tmp_path_factory):
     class, so that its result lacks the sphere whatever the model learned."""
     from hsam.guidance.atlas import atlas_from_arrays
     from hsam.models.bundle import save_bundle
-    from hsam.training.finetune import FinetuneConfig, TrainingCase, finetune_cohort
+    from hsam.training.config import FinetuneConfig, TrainingCase
+    from hsam.training.finetune import finetune_cohort
     from hsam.volumes.volume import Volume
 
     cases = []

@@ -24,7 +24,7 @@ import vtk  # noqa: E402
 from hsam.evaluation.baselines import flow_propagation  # noqa: E402
 from hsam.models.bundle import read_bundle_metadata  # noqa: E402
 from hsam.runtime.errors import HSAMError, InputError  # noqa: E402
-from hsam.volumes.volume import read_labelmap  # noqa: E402
+from hsam.volumes.segmentation import read_labelmap  # noqa: E402
 from HSAMLib import fill_logic, mrml  # noqa: E402
 from HSAMLib.fill_logic import FillOptions, HSAMFillLogic  # noqa: E402
 from HSAMLib.worker import JOB_FOLDER, WorkerJob, remove_orphaned_job_folders  # noqa: E402

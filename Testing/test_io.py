@@ -8,17 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from hsam.runtime.errors import HSAMWarning, InputError
-from hsam.volumes.volume import (
-    Segment,
-    Volume,
-    read_labelmap,
-    read_volume,
-    write_labelmap,
-    write_output,
-    write_raw_nrrd,
-    write_segmentation,
-    write_volume,
-)
+from hsam.volumes.segmentation import Segment, read_labelmap, write_labelmap, write_output, write_segmentation
+from hsam.volumes.volume import Volume, read_volume, write_raw_nrrd, write_volume
 
 SPACING = (0.7, 0.9, 2.5)
 ORIGIN = (-12.5, 40.25, 101.0)

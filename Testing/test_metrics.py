@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from hsam.evaluation.metrics import dice_score, evaluate, hausdorff95
-from hsam.volumes.volume import Segment, Volume, write_labelmap, write_segmentation
+from hsam.volumes.segmentation import Segment, write_labelmap, write_segmentation
+from hsam.volumes.volume import Volume
 
 SPACING = (0.8, 0.7, 2.0)  # (x, y, z) mm
 

@@ -17,7 +17,7 @@ from vtk.util import numpy_support  # noqa: E402
 
 from hsam.runtime.errors import CheckpointError, HSAMError, InputError  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
-from hsam.volumes.volume import Segment  # noqa: E402
+from hsam.volumes.segmentation import Segment  # noqa: E402
 from HSAMLib import dependencies, models, mrml  # noqa: E402
 from HSAMLib.plots import TrainingCurves  # noqa: E402
 from HSAMLib.segment_logic import HSAMSegmentLogic  # noqa: E402

@@ -14,7 +14,8 @@ import hsam.guidance.flow as flow
 from hsam.evaluation.baselines import flow_propagator
 from hsam.guidance.flow import SliceFlows
 from hsam.guidance.gaps import rank_gaps
-from hsam.volumes.volume import Segment, Volume, write_segmentation, write_volume
+from hsam.volumes.segmentation import Segment, write_segmentation
+from hsam.volumes.volume import Volume, write_volume
 
 SLICES, SIZE = 31, 64
 PAINTED = [0, 10, 20, 30]

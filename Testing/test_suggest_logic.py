@@ -17,7 +17,8 @@ from hsam.inference.uncertainty import DEFAULT_SIGNAL, OVERLAY_THRESHOLD  # noqa
 from hsam.models.build import build_hsam  # noqa: E402
 from hsam.models.bundle import BundleMetadata, load_bundle, save_bundle  # noqa: E402
 from hsam.volumes.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.volumes.volume import Segment, Volume  # noqa: E402
+from hsam.volumes.segmentation import Segment  # noqa: E402
+from hsam.volumes.volume import Volume  # noqa: E402
 from HSAMLib import mrml  # noqa: E402
 from HSAMLib.suggest_logic import COLOR_NODE_NAME, GAP_TABLE_COLUMNS, HSAMSuggestLogic  # noqa: E402
 

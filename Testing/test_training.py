@@ -13,7 +13,9 @@ from hsam.models.bundle import save_bundle
 from hsam.runtime.cpu import cpu_capability, onednn_computes
 from hsam.runtime.errors import Cancelled, InputError
 from hsam.training.augment import RandomAugmentation, crop_and_zoom, elastic, gaussian_blur, rotate
-from hsam.training.finetune import FinetuneConfig, finetune, is_main_process, reference_learning_rate, warmup_iterations
+from hsam.training.config import FinetuneConfig, reference_learning_rate, warmup_iterations
+from hsam.training.distributed import is_main_process
+from hsam.training.finetune import finetune
 from phantom import every_nth_annotated, phantom_volume
 
 # Every run here uses the tiny preset on the CPU; the few-shot run must fit this budget.

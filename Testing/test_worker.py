@@ -18,7 +18,8 @@ from hsam.inference.segment import segment_volume
 from hsam.models.build import build_hsam
 from hsam.models.bundle import BundleMetadata, read_bundle_metadata, save_bundle
 from hsam.volumes.preprocess import IntensityPreprocessing
-from hsam.volumes.volume import Segment, Volume, write_volume
+from hsam.volumes.segmentation import Segment
+from hsam.volumes.volume import Volume, write_volume
 from phantom import phantom_arrays
 
 from HSAMLib import devices
@@ -148,7 +149,7 @@ def test_an_error_while_waiting_ends_the_worker(volume_file, bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def training_files(tmp_path_factory):
-    from hsam.volumes.volume import write_segmentation
+    from hsam.volumes.segmentation import write_segmentation
 
     folder = tmp_path_factory.mktemp("training")
     volume, labels = phantom_volume(8)

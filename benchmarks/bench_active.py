@@ -26,7 +26,7 @@ Start: 5 uniformly spaced labelled axial slices annotated, a tiny model trained 
 model is fine-tuned further from the strategy's previous model (``--base-model``) on all its
 annotated slices for ``--epochs`` epochs, and the volume is segmented again. Strategies:
 
-* ``suggest``: ``hsam.suggest.suggest_slices`` on the current model's per-slice uncertainty;
+* ``suggest``: ``hsam.inference.suggest.suggest_slices`` on the current model's per-slice uncertainty;
 * ``uniform``: each new slice the farthest from every annotated one (filling the largest gaps);
 * ``random``: uniformly drawn unannotated labelled slices.
 
@@ -36,7 +36,7 @@ labelled slices the strategy has not annotated (``own``), and on the labelled sl
 has annotated in that round and seed (``common``: the same slices for every strategy, which removes
 the advantage of having annotated the hardest slices). At round 0 the uncertainty signals are also
 compared: Spearman correlation between each slice's score and its error 1 − slice Dice, with the
-score the mean over the slice (``hsam.uncertainty.slice_scores``) or over its uncertain region
+score the mean over the slice (``hsam.inference.uncertainty.slice_scores``) or over its uncertain region
 (labelled voxels and voxels above ``OVERLAY_THRESHOLD``).
 
 The volume is the demo's, every ``--z-step``-th axial slice (default 3: 3 mm slices, a third of the cost).
@@ -67,7 +67,8 @@ def demo_data(z_step: int):
     """(volume, labels, segments) of the MNI152 demo, every ``z_step``-th axial slice."""
     from hsam.demo import CLASSES
     from hsam.evaluation.mni import brain_labels, template_path
-    from hsam.volumes.volume import Segment, Volume, read_volume
+    from hsam.volumes.segmentation import Segment
+    from hsam.volumes.volume import Volume, read_volume
 
     t1 = read_volume(template_path("t1"))
     labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
@@ -118,7 +119,8 @@ class Loop:
 
     def train(self, slices: list[int], base, name: str, epochs: int) -> Path:
         from hsam.models.bundle import save_bundle
-        from hsam.training.finetune import FinetuneConfig, finetune
+        from hsam.training.config import FinetuneConfig
+        from hsam.training.finetune import finetune
         from hsam.volumes.preprocess import IntensityPreprocessing
 
         config = FinetuneConfig(

@@ -39,9 +39,11 @@ from hsam.guidance import atlas as atlases_module  # noqa: E402
 from hsam.guidance.kinds import DEFAULT_PRIOR  # noqa: E402
 from hsam.inference.segment import segment_volume  # noqa: E402
 from hsam.runtime.errors import InputError  # noqa: E402
-from hsam.training.finetune import FinetuneConfig, TrainingCase, finetune_cohort  # noqa: E402
+from hsam.training.config import FinetuneConfig, TrainingCase  # noqa: E402
+from hsam.training.finetune import finetune_cohort  # noqa: E402
 from hsam.volumes.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.volumes.volume import Segment, read_labelmap, read_volume  # noqa: E402
+from hsam.volumes.segmentation import Segment, read_labelmap  # noqa: E402
+from hsam.volumes.volume import read_volume  # noqa: E402
 
 
 def load_patient(folder: Path):

@@ -25,7 +25,8 @@ from common import table, update_docs  # noqa: E402
 def main() -> None:
     from hsam.guidance.priors import annotated_slices
     from hsam.models.bundle import save_bundle
-    from hsam.training.finetune import FinetuneConfig, finetune
+    from hsam.training.config import FinetuneConfig
+    from hsam.training.finetune import finetune
     from hsam.volumes.preprocess import IntensityPreprocessing
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -47,9 +47,11 @@ from hsam.guidance.fill import fill_between_slices  # noqa: E402
 from hsam.guidance.kinds import DEFAULT_PRIOR  # noqa: E402
 from hsam.guidance.priors import annotated_slices  # noqa: E402
 from hsam.inference.segment import segment_volume  # noqa: E402
-from hsam.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from hsam.training.config import FinetuneConfig  # noqa: E402
+from hsam.training.finetune import finetune  # noqa: E402
 from hsam.volumes.preprocess import IntensityPreprocessing  # noqa: E402
-from hsam.volumes.volume import Segment, Volume, read_labelmap, read_volume  # noqa: E402
+from hsam.volumes.segmentation import Segment, read_labelmap  # noqa: E402
+from hsam.volumes.volume import Volume, read_volume  # noqa: E402
 
 MAX_LOAD = 1.5
 LOAD_WAIT = 300.0

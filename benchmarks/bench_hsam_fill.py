@@ -41,7 +41,8 @@ CT_CLASSES = ("liver", "spleen", "leftkidney", "rightkidney")
 def mni():
     from hsam.demo import CLASSES
     from hsam.evaluation.mni import brain_labels, template_path
-    from hsam.volumes.volume import Segment, Volume, read_volume
+    from hsam.volumes.segmentation import Segment
+    from hsam.volumes.volume import Volume, read_volume
 
     t1 = read_volume(template_path("t1"))
     labels = brain_labels(read_volume(template_path("gm")).array, read_volume(template_path("wm")).array)
@@ -50,7 +51,8 @@ def mni():
 
 
 def ct(folder: Path):
-    from hsam.volumes.volume import Segment, read_volume
+    from hsam.volumes.segmentation import Segment
+    from hsam.volumes.volume import read_volume
 
     volume = read_volume(folder / "image.nii.gz")
     raw = read_volume(folder / "labels.nii.gz").array

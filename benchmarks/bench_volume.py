@@ -77,8 +77,9 @@ def measure_segment(preset: str, precision: str, depth: int, batch: int) -> dict
 
 
 def measure_finetune(preset: str, precision: str, batch: int) -> dict:
-    from hsam.training.finetune import FinetuneConfig, finetune
-    from hsam.volumes.volume import Segment
+    from hsam.training.config import FinetuneConfig
+    from hsam.training.finetune import finetune
+    from hsam.volumes.segmentation import Segment
 
     volume, labels = synthetic_volume(40, 512)
     slices = list(np.linspace(5, 34, TRAIN_SLICES).astype(int))

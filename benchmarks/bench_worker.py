@@ -53,7 +53,7 @@ def time_worker(volume_path: Path, bundle: Path, batch: int) -> dict:
     ended = time.perf_counter()
     assert job.state == SUCCEEDED, job.error
     read_started = time.perf_counter()
-    from hsam.volumes.volume import read_labelmap
+    from hsam.volumes.segmentation import read_labelmap
 
     read_labelmap(job.folder / "result.seg.nrrd")
     marks["read"] = time.perf_counter() - read_started

@@ -40,7 +40,8 @@ import vtk
 from hsam.guidance.kinds import DEFAULT_PRIOR
 from hsam.runtime.errors import HSAMError, InputError
 from hsam.volumes.constants import SLICE_AXES
-from hsam.volumes.volume import Segment, Volume, read_labelmap, write_raw_nrrd, write_segmentation
+from hsam.volumes.segmentation import Segment, read_labelmap, write_segmentation
+from hsam.volumes.volume import Volume, write_raw_nrrd
 
 from . import models, mrml
 from .training_logic import TINY_PRESET, base_model_arguments, move_into_folder

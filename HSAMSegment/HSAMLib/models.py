@@ -20,8 +20,8 @@ from hsam.runtime.errors import CheckpointError, InputError
 MODELS_DIR_ENV = "HSAM_MODELS_DIR"
 HSAM_HOME_ENV = "HSAM_HOME"
 BUNDLE_SUFFIX = ".hsam"
-METADATA_KEY = "hsam"  # ``hsam.bundle.METADATA_KEY``
-# The official SAM weights (``hsam.checkpoint.SAM_CHECKPOINTS``): file names and sizes, listed here so
+METADATA_KEY = "hsam"  # ``hsam.models.bundle.METADATA_KEY``
+# The official SAM weights (``hsam.models.sam_weights.SAM_CHECKPOINTS``): file names and sizes, listed here so
 # that the panels can show them without torch.
 SAM_WEIGHTS = {
     "vit_b": ("sam_vit_b_01ec64.pth", 375042383),
@@ -41,7 +41,7 @@ def models_dir(create: bool = True) -> Path:
 
 @dataclass
 class ModelEntry:
-    """A bundle in the models folder and its metadata (``hsam.bundle.BundleMetadata`` fields as a
+    """A bundle in the models folder and its metadata (``hsam.models.bundle.BundleMetadata`` fields as a
     dict, read without loading weights)."""
 
     path: Path
@@ -101,7 +101,7 @@ def list_models(folder: Optional[Path] = None) -> tuple[list[ModelEntry], list[s
 
 def sam_cache_dir() -> Path:
     """The SAM weights cache: ``$HSAM_HOME/checkpoints``, else ``~/.cache/hsam/checkpoints``
-    (``hsam.checkpoint.default_cache_dir``)."""
+    (``hsam.models.sam_weights.default_cache_dir``)."""
     home = os.environ.get(HSAM_HOME_ENV)
     return Path(home) / "checkpoints" if home else Path.home() / ".cache" / "hsam" / "checkpoints"
 

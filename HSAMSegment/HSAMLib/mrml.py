@@ -18,7 +18,8 @@ from vtk.util import numpy_support
 from hsam.runtime.errors import InputError
 from hsam.volumes.constants import SLICE_AXES
 from hsam.volumes.files import write_atomic
-from hsam.volumes.volume import Segment, Volume
+from hsam.volumes.segmentation import Segment
+from hsam.volumes.volume import Volume
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # Label value a segment had in the engine's labelmap; kept so that exported labelmaps reuse it.
@@ -387,7 +388,7 @@ def safe_file_stem(name: str) -> str:
 
 
 def _write_atomically(storageNode, node, path: Path) -> Path:
-    """Write ``node`` with ``storageNode`` through ``hsam.files.write_atomic`` (complete or nothing,
+    """Write ``node`` with ``storageNode`` through ``hsam.volumes.files.write_atomic`` (complete or nothing,
     the umask's mode, a recognisable temporary), replacing an existing file."""
 
     def write(temporary: Path) -> None:

@@ -15,12 +15,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from hsam.models.bundle import BundleMetadata, read_bundle_metadata
 from hsam.runtime.errors import InputError
-from hsam.volumes.volume import Segment, read_labelmap, write_segmentation, write_volume
+from hsam.volumes.segmentation import Segment, read_labelmap, write_segmentation
+from hsam.volumes.volume import write_volume
 
 from . import mrml
 from .worker import WorkerJob
 
-# Called with each batch of progress events of the worker (``hsam.progress``).
+# Called with each batch of progress events of the worker (``hsam.runtime.progress``).
 OnEvents = Callable[[list], None]
 INPUT_FILE = "input.nrrd"
 ANNOTATIONS_FILE = "annotations.seg.nrrd"

@@ -26,7 +26,8 @@ import vtk
 
 from hsam.runtime.errors import InputError
 from hsam.volumes.constants import SLICE_AXES
-from hsam.volumes.volume import Volume, read_labelmap, read_volume, write_segmentation
+from hsam.volumes.segmentation import read_labelmap, write_segmentation
+from hsam.volumes.volume import Volume, read_volume
 
 from . import mrml
 from .segment_logic import ANNOTATIONS_FILE, INPUT_FILE, OnEvents, job_with_volume

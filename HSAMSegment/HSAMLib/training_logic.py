@@ -21,7 +21,8 @@ import numpy as np
 
 from hsam.models.bundle import atlas_bytes, read_bundle
 from hsam.runtime.errors import InputError
-from hsam.volumes.volume import Segment, Volume, write_segmentation, write_volume
+from hsam.volumes.segmentation import Segment, write_segmentation
+from hsam.volumes.volume import Volume, write_volume
 
 from . import models, mrml
 from .segment_logic import OnEvents

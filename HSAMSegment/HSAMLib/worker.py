@@ -3,7 +3,7 @@
 Inside Slicer a Python thread only runs while the main thread executes Python, so heavy work runs in a
 separate interpreter (``PythonSlicer``), as the well-kept Slicer extensions do. Each job gets its own
 temporary folder holding its inputs, its results and the worker's output streams: stdout (JSON
-progress events, ``hsam.progress``) and stderr go to files there, which ``poll()`` reads from where
+progress events, ``hsam.runtime.progress``) and stderr go to files there, which ``poll()`` reads from where
 it stopped. Reading a regular file never blocks, on every operating system, so the widget calls
 ``poll()`` from a QTimer and nothing here needs Qt, a thread or torch.
 
@@ -11,7 +11,7 @@ Cancel ends the worker and its children (its own process group) and removes the 
 nothing the job wrote is left behind. In Slicer the worker is ``PythonSlicer``, CTK's launcher, around
 ``python-real``: the launcher dies of SIGTERM without passing it on and reports a crash or a kill as
 exit status 1, so cancel kills the whole group after a grace period, and the worker writes its own
-exit status into the job folder (``hsam.watchdog``): without it, the worker was stopped from outside.
+exit status into the job folder (``hsam.runtime.watchdog``): without it, the worker was stopped from outside.
 The worker also ends by itself when Slicer is gone, and the next job removes the folders of jobs
 whose Slicer is gone.
 """

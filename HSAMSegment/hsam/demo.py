@@ -166,9 +166,11 @@ def run_demo(
     from .inference.segment import segment_volume
     from .models.bundle import save_bundle
     from .runtime.devices import select_device
-    from .training.finetune import FinetuneConfig, finetune
+    from .training.config import FinetuneConfig
+    from .training.finetune import finetune
     from .volumes.preprocess import IntensityPreprocessing
-    from .volumes.volume import Segment, Volume, read_volume, write_labelmap, write_segmentation, write_volume
+    from .volumes.segmentation import Segment, write_labelmap, write_segmentation
+    from .volumes.volume import Volume, read_volume, write_volume
 
     started = time.monotonic()
     report = progress or (lambda fraction, message: None)

@@ -13,7 +13,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..runtime.errors import InputError
-from ..volumes.volume import Segment, Volume, read_labelmap
+from ..volumes.segmentation import Segment, read_labelmap
+from ..volumes.volume import Volume
 
 Spacing = Sequence[float]  # (x, y, z) in mm, for (z, y, x) arrays
 

@@ -96,7 +96,7 @@ def complete_labels(slices: np.ndarray, class_labels: np.ndarray, annotated: Seq
 
 def make_atlas(volume, class_labels: np.ndarray, annotated: Sequence[int], axis: int, num_classes: int,
                name: str = "", modality: Optional[str] = None) -> Atlas:
-    """The ``Atlas`` of an ``hsam.io.Volume`` whose (z, y, x) ``class_labels`` are drawn on the
+    """The ``Atlas`` of an ``hsam.volumes.volume.Volume`` whose (z, y, x) ``class_labels`` are drawn on the
     slices ``annotated`` along ``axis``."""
     modality = modality or modality_of(volume.array)
     completed = complete_labels(np.moveaxis(volume.array, axis, 0), np.moveaxis(class_labels, axis, 0),
@@ -263,7 +263,7 @@ class AtlasPrior:
 
 def atlas_prior(volume, atlases: Sequence[Atlas], num_classes: int, axis: int, mode: str = "deformable",
                 modality: Optional[str] = None, progress: Optional[Progress] = None, cancel=None) -> AtlasPrior:
-    """The ``AtlasPrior`` of an ``hsam.io.Volume`` from ``atlases`` registered onto it by ``mode``."""
+    """The ``AtlasPrior`` of an ``hsam.volumes.volume.Volume`` from ``atlases`` registered onto it by ``mode``."""
     full = volume.to_sitk(registration_intensities(volume.array, modality))
     grid = coarse_grid(full)
     target = sitk.Resample(full, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUInt8)

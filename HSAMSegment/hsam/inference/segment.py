@@ -257,7 +257,7 @@ def segment_volume(
     annotations: Optional[np.ndarray] = None,
     atlases: Sequence[Atlas] = (),
 ) -> SegmentationResult:
-    """Segment ``volume`` (an ``hsam.io.Volume``) with ``model`` and its ``BundleMetadata``.
+    """Segment ``volume`` (an ``hsam.volumes.volume.Volume``) with ``model`` and its ``BundleMetadata``.
 
     The model is moved to ``device`` and put in eval mode (its previous mode is restored).
     ``slice_range``: (first, last) slice indices along the bundle's slice axis, both included; the
@@ -265,12 +265,12 @@ def segment_volume(
     ``progress(fraction, message)`` is called after every batch; ``cancel.is_set()`` is checked before
     each one and raises ``Cancelled``. ``largest_component`` keeps each label's largest 3D
     connected component (probabilities are left as predicted). ``uncertainty``: a signal of
-    ``hsam.uncertainty.SIGNALS`` to also return the uncertainty map and per-slice scores.
+    ``hsam.inference.uncertainty.SIGNALS`` to also return the uncertainty map and per-slice scores.
     ``annotations``: a labelmap of the model's label values on the volume's grid, for guided models:
     its annotated slices (any label along the model's axis) are propagated into the prior the model
     corrects (the bundle's prior kind), each class is taken from the source the model chose for it in
     training (prior, guided or prompt-free), and the annotated slices come out exactly as drawn.
-    ``atlases`` (``hsam.bundle.read_atlases``): without annotations, a guided model corrects their
+    ``atlases`` (``hsam.models.bundle.read_atlases``): without annotations, a guided model corrects their
     registration onto the volume instead (the atlas prior), each class from the source chosen for it;
     without either, it runs prompt-free. A class that every training volume has and the result lacks
     is named in the result's notes and, with atlases, taken from the atlas prior; a guided model that

@@ -86,8 +86,8 @@ def scores_csv(scores: np.ndarray, axis: str) -> str:
 
 
 def write_uncertainty(path, uncertainty: np.ndarray, scores: np.ndarray, reference, axis: str, outputs) -> tuple[Path, Path]:
-    """Stage the map (float32 on ``reference``'s grid, an ``hsam.io.Volume``) and the per-slice CSV
-    beside it in ``outputs`` (an ``hsam.files.Outputs``); returns both paths."""
+    """Stage the map (float32 on ``reference``'s grid, an ``hsam.volumes.volume.Volume``) and the per-slice CSV
+    beside it in ``outputs`` (an ``hsam.volumes.files.Outputs``); returns both paths."""
     from ..volumes.files import write_bytes_atomic
     from ..volumes.volume import Volume, write_volume
 

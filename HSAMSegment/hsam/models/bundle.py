@@ -244,7 +244,7 @@ def save_bundle(
     path: PathLike, model: HSAM, metadata: BundleMetadata, overwrite: bool = False, outputs: Optional[Outputs] = None,
     atlases: Sequence = (),
 ) -> Path:
-    """Write the bundle atomically (``hsam.files``; staged in ``outputs`` if given). Returns the path.
+    """Write the bundle atomically (``hsam.volumes.files``; staged in ``outputs`` if given). Returns the path.
     ``atlases`` (``hsam.guidance.atlas.Atlas``, a guided model's): stored with it, their grids in
     ``metadata.guidance["atlas"]``."""
     from safetensors.torch import save
@@ -330,7 +330,7 @@ def read_bundle_metadata(path: PathLike) -> BundleMetadata:
 
 def find_sam_checkpoint(preset: str, explicit: Optional[PathLike] = None) -> Path:
     """The official SAM file for a preset: the given path, else the download cache; its size and
-    sha256 are checked (the sha256 once per file, see ``hsam.sam_weights.cached_sha256``)."""
+    sha256 are checked (the sha256 once per file, see ``hsam.models.sam_weights.cached_sha256``)."""
     if preset not in SAM_CHECKPOINTS:
         raise CheckpointError(f"this model says it was fine-tuned from SAM weights, but the {preset} preset has none")
     info = SAM_CHECKPOINTS[preset]

@@ -1,4 +1,4 @@
-"""Checkpoints: official SAM weights (registry in ``hsam.sam_weights``), the authors' H-SAM state
+"""Checkpoints: official SAM weights (registry in ``hsam.models.sam_weights``), the authors' H-SAM state
 dicts and released checkpoints.
 
 Every file is read with ``torch.load(weights_only=True)``: tensors only, never pickled code.

@@ -28,7 +28,7 @@ def download_sam_weights(
     cancel: Optional[threading.Event] = None,
 ) -> Path:
     """The path of SAM's ``name`` weights (``vit_b``, ``vit_l``, ``vit_h``) in ``cache_dir`` (default
-    ``hsam.sam_weights.default_cache_dir()``), downloaded first when missing.
+    ``hsam.models.sam_weights.default_cache_dir()``), downloaded first when missing.
 
     ``progress(fraction, message)`` follows the download; ``cancel.is_set()`` stops it with
     ``Cancelled``, keeping the partial file for the next call to resume.

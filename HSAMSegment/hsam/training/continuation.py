@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..runtime.errors import InputError
-from ..volumes.volume import Segment
+from ..volumes.segmentation import Segment
 
 DEFAULT_NAME = re.compile(r"^(?:Label|Segment)_(\d+)$")
 
