@@ -282,7 +282,7 @@ def _segment_volume(
     annotations = _read_annotations(args.annotations, volume, metadata, args.model) if args.annotations else None
 
     from .bundle import load_bundle, read_atlases
-    from .inference import describe_device, resolve_precision, segment_volume, select_device
+    from .inference import NOTHING_FOUND, describe_device, resolve_precision, segment_volume, select_device
 
     device = select_device(args.device)
     resolve_precision(args.precision, device)  # refuse a precision the CPU can only emulate, before any work
@@ -297,6 +297,8 @@ def _segment_volume(
         uncertainty=args.uncertainty_signal if args.uncertainty is not None else None, annotations=annotations,
         atlases=atlases,
     )
+    if NOTHING_FOUND in result.notes:
+        raise InputError(NOTHING_FOUND)  # rather than an empty file
     for note in result.notes:
         warnings.warn(note, HSAMWarning)
     mode = {"annotations": "guided by the annotations",
