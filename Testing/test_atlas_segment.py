@@ -15,10 +15,9 @@ import torch
 
 from hsam.evaluation.metrics import dice_score
 from hsam.guidance.priors import annotated_slices
-from hsam.inference.segment import segment_volume
+from hsam.inference.segment import NOTHING_FOUND, segment_volume
 from hsam.models.build import build_hsam
 from hsam.models.bundle import BundleMetadata, read_atlases, read_bundle_metadata, save_bundle
-from hsam.runtime.errors import InputError
 from hsam.training.config import FinetuneConfig, TrainingCase
 from hsam.training.data import leave_one_out_atlas_priors, training_atlases
 from hsam.training.finetune import finetune_cohort
@@ -70,12 +69,20 @@ def empty_guided(atlas: bool) -> tuple[torch.nn.Module, BundleMetadata]:
     return model.eval(), metadata
 
 
-def test_a_guided_model_without_annotations_or_atlas_that_finds_nothing_says_so() -> None:
-    """Guards the message: no empty result without a word."""
+def test_a_guided_model_without_annotations_or_atlas_that_finds_nothing_says_so(tmp_path) -> None:
+    """Guards the message: no empty result without a word. The API notes it; `hsam segment` stops with
+    it in one line and writes no file."""
     model, metadata = empty_guided(atlas=False)
     volume, _ = patient(*NEW_POSE, seed=9)
-    with pytest.raises(InputError, match="paint a few slices .* --atlas"):
-        segment_volume(model, volume, metadata, device="cpu")
+    result = segment_volume(model, volume, metadata, device="cpu")
+    assert not result.labels.any() and result.notes == [NOTHING_FOUND]
+    save_bundle(tmp_path / "empty.hsam", model, metadata)
+    image = tmp_path / "new.nrrd"
+    sitk.WriteImage(volume.to_sitk(), str(image))
+    run = _hsam("segment", str(image), "-m", str(tmp_path / "empty.hsam"), "-o", str(tmp_path / "out.nrrd"))
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == f"hsam: error: {NOTHING_FOUND}"
+    assert "paint a few slices" in NOTHING_FOUND and "--atlas" in NOTHING_FOUND
+    assert not (tmp_path / "out.nrrd").exists()
 
 
 def test_classes_the_model_misses_are_named_and_taken_from_the_atlas_prior() -> None:

@@ -117,7 +117,7 @@ def _segment_volume(
     volume = read_volume(args.volume, series=args.series)
     annotations = _read_annotations(args.annotations, volume, metadata, args.model) if args.annotations else None
 
-    from ..inference.segment import segment_volume
+    from ..inference.segment import NOTHING_FOUND, segment_volume
     from ..models.bundle import load_bundle, read_atlases
     from ..runtime.devices import describe_device, resolve_precision, select_device
 
@@ -134,6 +134,8 @@ def _segment_volume(
         uncertainty=args.uncertainty_signal if args.uncertainty is not None else None, annotations=annotations,
         atlases=atlases,
     )
+    if NOTHING_FOUND in result.notes:
+        raise InputError(NOTHING_FOUND)  # rather than an empty file
     for note in result.notes:
         warnings.warn(note, HSAMWarning)
     mode = {"annotations": "guided by the annotations",

@@ -124,6 +124,8 @@ def _forward(
     return combine_sources(sources, choice), voxels
 
 
+NOTHING_FOUND = ("this guided model found none of its classes without annotations: paint a few slices "
+                 "(--annotations), or fine-tune it with --atlas so that it segments new volumes")
 UNCLAIMED = -1e4  # the score of a class no source puts at a pixel
 
 
@@ -274,7 +276,7 @@ def segment_volume(
     registration onto the volume instead (the atlas prior), each class from the source chosen for it;
     without either, it runs prompt-free. A class that every training volume has and the result lacks
     is named in the result's notes and, with atlases, taken from the atlas prior; a guided model that
-    finds none of them without annotations or atlases raises ``InputError``.
+    finds none of them without annotations or atlases notes ``NOTHING_FOUND``.
     """
     array = np.asarray(volume.array)
     _check_volume(array)
@@ -372,7 +374,7 @@ def segment_volume(
 def _missing_classes(model: HSAM, metadata, guide: Optional[_AtlasGuide], labels: np.ndarray,
                      lookup: np.ndarray) -> list[str]:
     """Notes on the classes every training volume has and ``labels`` lacks; with an atlas ``guide``,
-    they are taken from its prior. A guided model without one that finds none raises ``InputError``."""
+    they are taken from its prior. A guided model without one that finds none: ``NOTHING_FOUND``."""
     expected = classes_in_every_volume(metadata)
     found = set(np.unique(labels).tolist())
     missing = [k for k in expected if int(lookup[k]) not in found]
@@ -383,6 +385,5 @@ def _missing_classes(model: HSAM, metadata, guide: Optional[_AtlasGuide], labels
         guide.restore(labels, lookup, missing)
         return [f"the model found no {names}, which every training volume has: kept the atlas prior for it"]
     if metadata.guided and len(missing) == len(expected):
-        raise InputError("this guided model found none of its classes without annotations: paint a few slices "
-                         "(--annotations), or fine-tune it with --atlas so that it segments new volumes")
+        return [NOTHING_FOUND]
     return [f"the model found no {names}, which every training volume has"]
