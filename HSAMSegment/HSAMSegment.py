@@ -6,12 +6,11 @@ wires the panel: selectors, a worker job polled by a timer, progress, cancel and
 """
 
 import logging
-import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable
 
 import slicer
 import vtk
@@ -34,6 +33,11 @@ from HSAMLib.devices import device_choices  # noqa: E402
 
 DEVICES = device_choices(sys.platform, platform.machine())
 POLL_INTERVAL_MS = 200
+# The export dialogs' titles and file filters, by kind (``HSAMLib.segment_panel.EXPORT_SUFFIXES``).
+EXPORT_DIALOGS = {
+    "segmentation": ("Export segmentation", "Segmentation (*.seg.nrrd)"),
+    "labelmap": ("Export labelmap", "Labelmap (*.nrrd)"),
+}
 
 
 class HSAMSegment(ScriptedLoadableModule):
@@ -196,18 +200,114 @@ class DeviceLabel:
         self.update()
 
 
+class ModelsSection:
+    """The model list (item data: the bundle's path) over the models folder, the folder's label and the
+    Refresh, Import and Open folder buttons (``SegmentPanelLogic.modelChoices``, ``importModel``);
+    ``onChanged(path)`` follows the choice, ``onStatus(text)`` says what was imported."""
+
+    def __init__(self, ui, panel, onChanged: Callable[[str], None], onStatus: Callable[[str], None]):
+        self.ui, self._panel, self._onChanged, self._onStatus = ui, panel, onChanged, onStatus
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._changed)
+        self.ui.refreshModelsButton.connect("clicked()", self.refresh)
+        self.ui.importModelButton.connect("clicked()", self.onImport)
+        self.ui.openModelsFolderButton.connect("clicked()", self.onOpenFolder)
+
+    @property
+    def path(self) -> str:
+        return self.ui.modelComboBox.currentData or ""
+
+    def refresh(self) -> None:
+        """List the models folder again (models trained or copied there meanwhile), keeping the choice."""
+        self.show(self.path)
+
+    def show(self, selected: str) -> None:
+        """List the models folder, ``selected`` chosen."""
+        from HSAMLib import models
+
+        choices, index = self._panel.modelChoices(selected)
+        self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for name, path in choices:
+            self.ui.modelComboBox.addItem(name, path)
+        self.ui.modelComboBox.setCurrentIndex(index)
+        self.ui.modelComboBox.blockSignals(False)
+        self.ui.modelsFolderLabel.text = str(models.models_dir())
+        self._changed()
+
+    def onImport(self) -> None:
+        import qt
+
+        path = qt.QFileDialog.getOpenFileName(self.ui.importModelButton, "Import HSAM model", "", "HSAM model (*.hsam)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not import the model.", waitCursor=True):
+                if ensureDependencies():
+                    imported, status = self._panel.importModel(path)
+                    self.show(imported)
+                    self._onStatus(status)
+
+    def onOpenFolder(self) -> None:
+        import qt
+        from HSAMLib import models
+
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(models.models_dir())))
+
+    def _changed(self, index: int = -1) -> None:
+        self.ui.modelComboBox.toolTip = self.path
+        self._onChanged(self.path)
+
+
+class WeightsDownload:
+    """The SAM weights row: the names, Download (Cancel download while it runs) and a progress bar, over
+    an ``hsam download`` worker (``SegmentPanelLogic.startDownload``); ``onStatus(text)`` says how it ended."""
+
+    def __init__(self, ui, panel, onStatus: Callable[[str], None]):
+        from HSAMLib.models import SAM_WEIGHTS_NAMES
+
+        self.ui, self._panel, self._onStatus = ui, panel, onStatus
+        self._job = JobRunner(self._onProgress, self._onFinished)
+        self.ui.samWeightsComboBox.addItems(list(SAM_WEIGHTS_NAMES))
+        self.ui.downloadWeightsButton.connect("clicked()", self.onButton)
+
+    def onButton(self) -> None:
+        if self._job.running:
+            self._job.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the download.", waitCursor=True):
+            if ensureDependencies():
+                self._job.start(self._panel.startDownload(self.ui.samWeightsComboBox.currentText))
+                self.ui.downloadWeightsButton.text = "Cancel download"
+                self.ui.downloadProgressBar.value = 0
+                self.ui.downloadProgressBar.visible = True
+
+    def stop(self) -> None:
+        self._job.stop()
+
+    def _onProgress(self, events) -> None:
+        self.ui.downloadProgressBar.value = int(100 * events[-1]["fraction"])
+        self.ui.downloadProgressBar.toolTip = events[-1]["message"]
+
+    def _onFinished(self, job) -> None:
+        self.ui.downloadWeightsButton.text = "Download"
+        self.ui.downloadProgressBar.visible = False
+        showEnded(self._panel.downloadEnded(job), job, self._onStatus)
+
+
+def showEnded(ended, job, onStatus: Callable[[str], None]) -> None:
+    """What the panel says once a job has ended (``HSAMLib.segment_panel.Ended``): the status line, an error dialog."""
+    if ended.status is not None:
+        onStatus(ended.status)
+    if ended.failure:
+        reportWorkerError(ended.failure, job)
+
+
 class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: its widgets wired to ``HSAMLib.segment_panel.SegmentPanelLogic`` (``panel``)."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._gui = None
-        self._segmentJob = None
-        self._downloadJob = None
-        self._deviceLabel = None
-        self._jobVolume = None
-        self._jobMode = "prompt-free"
+        self.logic = self.panel = self._parameterNode = self._gui = None
+        self._models = self._download = self._segmentJob = self._deviceLabel = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -216,33 +316,23 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         from HSAMLib.parameters import ParameterGui
+        from HSAMLib.segment_panel import SegmentPanelLogic
 
-        self._gui = ParameterGui()
-        self.logic = HSAMSegmentLogic()
-
-        from HSAMLib.models import SAM_WEIGHTS_NAMES
-
-        self.ui.samWeightsComboBox.addItems(list(SAM_WEIGHTS_NAMES))
+        self._gui, self.logic, self.panel = ParameterGui(), HSAMSegmentLogic(), SegmentPanelLogic()
+        self._models = ModelsSection(self.ui, self.panel, self.onModelChanged, self.showStatus)
+        self._download = WeightsDownload(self.ui, self.panel, self.showStatus)
         self._segmentJob = JobRunner(self._onSegmentProgress, self._onSegmentFinished)
-        self._downloadJob = JobRunner(self._onDownloadProgress, self._onDownloadFinished)
         self._deviceLabel = DeviceLabel(self.ui.deviceComboBox, self.ui.deviceInfoLabel)
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
-        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
-        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
-        self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
-        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
-        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
-
-        self.refreshModels()
+        self.ui.segmentButton.connect("clicked()", self.onSegmentButton)
+        self.ui.exportSegmentationButton.connect("clicked()", lambda: self.onExport("segmentation"))
+        self.ui.exportLabelmapButton.connect("clicked()", lambda: self.onExport("labelmap"))
+        self._models.refresh()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for runner in (self._segmentJob, self._downloadJob, self._deviceLabel):
+        for runner in (self._segmentJob, self._download, self._deviceLabel):
             runner.stop()
         self.removeObservers()
 
@@ -252,7 +342,7 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
-        self.refreshModels()  # models trained in HSAM Training since the panel was last shown
+        self._models.refresh()  # models trained in HSAM Training since the panel was last shown
         self.initializeParameterNode()
         self._deviceLabel.update()
 
@@ -271,235 +361,81 @@ class HSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         parameterNode = self.logic.getParameterNode()
-        if parameterNode.device not in DEVICES:  # a scene saved on another platform (e.g. "mps")
-            parameterNode.device = "auto"
+        self.panel.applyDefaults(parameterNode, slicer.mrmlScene, DEVICES)
         self.setParameterNode(parameterNode)
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, parameterNode) -> None:
-        self._gui.disconnect()
-        if self._parameterNode:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self.exit()  # the previous node's connection and observer
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._gui.connect(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-            self.selectModel(self._parameterNode.modelPath)
+            self._models.show(self._parameterNode.modelPath)
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        self.updateModelInfo()
-        self.updateButtons()
+        self.ui.modelInfoLabel.text = self.panel.modelLine(self._parameterNode)
+        state = self.panel.controls(self._parameterNode, self._segmentJob.running)
+        self.ui.segmentButton.enabled, self.ui.segmentButton.text = state.segment, state.segmentText
+        self.ui.segmentButton.toolTip = state.segmentToolTip
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
+            widget.enabled = state.inputs
+        self.ui.exportSegmentationButton.enabled = self.ui.exportLabelmapButton.enabled = state.export
+        self.ui.firstSliceSpinBox.enabled = self.ui.lastSliceSpinBox.enabled = state.sliceRange
 
-    # --- models -------------------------------------------------------------------------------
+    def showStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
-    def refreshModels(self) -> None:
-        from HSAMLib import models
-
-        current = self.ui.modelComboBox.currentData
-        self.ui.modelComboBox.blockSignals(True)
-        self.ui.modelComboBox.clear()
-        for path in models.bundle_paths():
-            self.ui.modelComboBox.addItem(path.stem, str(path))
-        self.ui.modelComboBox.blockSignals(False)
-        self.selectModel(current or (self._parameterNode.modelPath if self._parameterNode else ""))
-        self.ui.modelsFolderLabel.text = str(models.models_dir())
-
-    def selectModel(self, path: str) -> None:
-        index = self.ui.modelComboBox.findData(path) if path else -1
-        if index < 0 and path and Path(path).is_file():
-            self.ui.modelComboBox.addItem(Path(path).stem, path)
-            index = self.ui.modelComboBox.count - 1
-        self.ui.modelComboBox.setCurrentIndex(max(index, 0) if self.ui.modelComboBox.count else -1)
-        self.onModelChanged()
-
-    def onModelChanged(self, index: int = -1) -> None:
-        path = self.ui.modelComboBox.currentData or ""
+    def onModelChanged(self, path: str) -> None:
         if self._parameterNode and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
-        self.ui.modelComboBox.toolTip = path
         self.onParameterNodeModified()
 
-    def updateModelInfo(self) -> None:
-        """The line under the model: what it corrects on the input volume (``HSAMLib.segment_logic.Prior``)."""
-        p = self._parameterNode
-        if not (p and p.modelPath):
-            self.ui.modelInfoLabel.text = ""
-            return
-        try:
-            self.ui.modelInfoLabel.text = self.logic.segmenter.prior(p.inputVolume, p.modelPath).summary()
-        except Exception as e:  # shown in the panel; the Segment button reports it properly
-            self.ui.modelInfoLabel.text = f"Cannot read the model: {e}"
-
-    def onImportModel(self) -> None:
-        import qt
-
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Import HSAM model", "", "HSAM model (*.hsam)")
-        if not path:
-            return
-        with slicer.util.tryWithErrorDisplay("Could not import the model.", waitCursor=True):
-            if not ensureDependencies():
-                return
-            from HSAMLib import models
-
-            entry = models.import_model_file(path)
-            self.refreshModels()
-            self.selectModel(str(entry.path))
-            self.ui.statusLabel.text = f"Imported {entry.describe()}"
-
-    def onOpenModelsFolder(self) -> None:
-        import qt
-        from HSAMLib import models
-
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(models.models_dir())))
-
-    def onDownloadWeights(self) -> None:
-        if self._downloadJob.running:
-            self._downloadJob.cancel()
-            return
-        with slicer.util.tryWithErrorDisplay("Could not start the download.", waitCursor=True):
-            if not ensureDependencies():
-                return
-            from HSAMLib.worker import WorkerJob
-
-            name = self.ui.samWeightsComboBox.currentText
-            self._downloadJob.start(WorkerJob(name="hsam-download").start(["download", name, "--progress", "json"]))
-            self.ui.downloadWeightsButton.text = "Cancel download"
-            self.ui.downloadProgressBar.value = 0
-            self.ui.downloadProgressBar.visible = True
-
-    def _onDownloadProgress(self, events) -> None:
-        self.ui.downloadProgressBar.value = int(100 * events[-1]["fraction"])
-        self.ui.downloadProgressBar.toolTip = events[-1]["message"]
-
-    def _onDownloadFinished(self, job) -> None:
-        from HSAMLib.worker import CANCELLED, SUCCEEDED
-
-        self.ui.downloadWeightsButton.text = "Download"
-        self.ui.downloadProgressBar.visible = False
-        if job.state == CANCELLED:
-            self.ui.statusLabel.text = "Download cancelled; the next download resumes it."
-        elif job.state != SUCCEEDED:
-            reportWorkerError("Downloading the SAM weights failed.", job)
-        else:
-            self.ui.statusLabel.text = f"SAM weights saved to {job.result['output']}"
-        job.cleanup()
-
-    # --- segmentation -------------------------------------------------------------------------
-
-    def updateButtons(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        busy = self._segmentJob.running
-        ready = bool(p and p.inputVolume and p.modelPath)
-        self.ui.segmentButton.enabled = busy or ready
-        self.ui.segmentButton.text = "Cancel" if busy else "Segment"
-        self.ui.segmentButton.toolTip = "" if ready else "Select an input volume and a model."
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
-            widget.enabled = not busy
-        hasOutput = bool(p and p.outputSegmentation and p.inputVolume)
-        self.ui.exportSegmentationButton.enabled = hasOutput and not busy
-        self.ui.exportLabelmapButton.enabled = hasOutput and not busy
-        self.ui.firstSliceSpinBox.enabled = self.ui.lastSliceSpinBox.enabled = bool(p and p.useSliceRange)
+    # --- segmentation and export --------------------------------------------------------------
 
     def onSegmentButton(self) -> None:
         if self._segmentJob.running:
             self._segmentJob.cancel()
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            if not ensureDependencies():
-                return
-            p = self._parameterNode
-            sliceRange = (p.firstSlice, p.lastSlice) if p.useSliceRange else None
-            prior = self.logic.segmenter.prior(p.inputVolume, p.modelPath)
-            job = self.logic.segmenter.startSegmentation(p.inputVolume, p.modelPath, p.device, p.batchSize, sliceRange,
-                                                         prior.annotationsNode)
-            self._jobVolume = p.inputVolume
-            self._jobMode = prior.description
-            self._segmentJob.start(job)
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting the HSAM worker…"
-            self.updateButtons()
+            if ensureDependencies():
+                self._segmentJob.start(self.panel.startSegmentation(self._parameterNode))
+                self.ui.progressBar.value = 0
+                self.showStatus("Starting the HSAM worker…")
+                self.onParameterNodeModified()
 
     def _onSegmentProgress(self, events) -> None:
         """Any progress event (loading, atlas registration, slices): its fraction and message."""
         self.ui.progressBar.value = int(100 * events[-1]["fraction"])
-        self.ui.statusLabel.text = events[-1]["message"]
+        self.showStatus(events[-1]["message"])
 
     def _onSegmentFinished(self, job) -> None:
-        from HSAMLib.worker import CANCELLED, SUCCEEDED
-
-        self.updateButtons()
-        if job.state == CANCELLED:
-            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
-            return
-        if job.state != SUCCEEDED:
-            self.ui.statusLabel.text = "Failed."
-            reportWorkerError("Segmentation failed.", job)
-            job.cleanup()
-            return
-        volumeNode = self._jobVolume
-        if not slicer.mrmlScene.IsNodePresent(volumeNode):
-            self.ui.statusLabel.text = "The input volume was removed; the result was discarded."
-            job.cleanup()
-            return
+        self.onParameterNodeModified()
         with slicer.util.tryWithErrorDisplay("Could not load the segmentation.", waitCursor=True):
-            p = self._parameterNode
-            node = self.logic.segmenter.loadResult(job, volumeNode, p.outputSegmentation)
-            p.outputSegmentation = node
-            if p.show3D:
-                node.CreateClosedSurfaceRepresentation()
-            slicer.util.setSliceViewerLayers(background=volumeNode)
+            ended = self.panel.segmentationEnded(job, self._parameterNode)
+        if ended.volumeNode:
+            slicer.util.setSliceViewerLayers(background=ended.volumeNode)
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = self.logic.segmenter.finishedMessage(self._jobMode, node, job.warnings)
+        showEnded(ended, job, self.showStatus)
 
-    # --- export -------------------------------------------------------------------------------
-
-    def _exportPath(self, title: str, suffix: str, filter: str) -> Optional[str]:
+    def onExport(self, kind: str) -> None:
+        """Export the output segmentation as ``kind`` (``SegmentPanelLogic.export``) to a file the user picks."""
         import qt
 
-        name = self._parameterNode.outputSegmentation.GetName()
-        start = os.path.join(qt.QDir.homePath(), f"{name}{suffix}")
+        title, filter = EXPORT_DIALOGS[kind]
+        start = self.panel.exportStart(self._parameterNode, kind, qt.QDir.homePath())
         path = qt.QFileDialog.getSaveFileName(self.parent, title, start, filter)
-        if path and not path.endswith(suffix):
-            path += suffix
-        return path or None
-
-    def onExportSegmentation(self) -> None:
-        path = self._exportPath("Export segmentation", ".seg.nrrd", "Segmentation (*.seg.nrrd)")
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-                self.logic.segmenter.exportSegmentation(self._parameterNode.outputSegmentation, path)
-                self.ui.statusLabel.text = f"Saved {path}"
-
-    def onExportLabelmap(self) -> None:
-        path = self._exportPath("Export labelmap", ".nrrd", "Labelmap (*.nrrd)")
-        if path:
-            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-                p = self._parameterNode
-                self.logic.segmenter.exportLabelmap(p.outputSegmentation, p.inputVolume, path)
-                self.ui.statusLabel.text = f"Saved {path}"
+                self.showStatus(self.panel.export(self._parameterNode, kind, path))
 
 
 class HSAMSegmentLogic(ScriptedLoadableModuleLogic):
-    """The module's parameter node; the segmentation itself is ``HSAMLib.segment_logic.HSAMSegmentLogic``
-    (``segmenter``), which also works without Slicer's GUI."""
-
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._segmenter = None
+    """The module's parameter node. The panel's decisions and jobs are ``HSAMLib.segment_panel``'s, the
+    segmentation itself ``HSAMLib.segment_logic.HSAMSegmentLogic``'s; both also work without Slicer's GUI."""
 
     def getParameterNode(self):
         return HSAMSegmentParameterNode(super().getParameterNode())
-
-    @property
-    def segmenter(self):
-        """Created on first use; it needs no torch (the model line reads bundles before any install)."""
-        if self._segmenter is None:
-            from HSAMLib.segment_logic import HSAMSegmentLogic as Segmenter
-
-            self._segmenter = Segmenter()
-        return self._segmenter
 
 
 class HSAMSegmentTest(ScriptedLoadableModuleTest):

@@ -474,6 +474,23 @@ def test_outputs_never_replace_inputs_or_each_other(tmp_path, model, out, capsys
     assert volume.read_bytes() == before
 
 
+def test_a_broken_link_as_output_is_refused_before_the_work_and_replaced_with_overwrite(tmp_path, model):
+    volume = _write_image(tmp_path / "volume.nrrd", noisy())
+    link, target = tmp_path / "labels.nrrd", tmp_path / "gone.nrrd"
+    link.symlink_to(target)
+    argv = ["segment", volume, "-m", model, "-o", link, "--device", "cpu"]
+    result = _run_hsam(argv)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 2 and lines[-1] == "torch not loaded", lines  # refused before loading the model
+    assert lines[:-1] == [f"hsam: error: {link} is a broken symbolic link (to {target}); pass --overwrite to "
+                          "replace the link"]
+    assert link.is_symlink()
+    assert _run_hsam([*argv, "--overwrite"]).returncode == 0
+    assert not link.is_symlink() and not target.exists()  # the link is replaced, not followed
+    assert sitk.ReadImage(str(link)).GetSize() == SHAPE[::-1]
+    assert sorted(os.listdir(tmp_path)) == ["labels.nrrd", "volume.nrrd"]
+
+
 def test_score_files_must_differ(tmp_path, out, capsys):
     labels = _write_image(tmp_path / "labels.nrrd", np.ones(SHAPE, np.uint8))
     refused(["evaluate", labels, labels, "--json", out / "s.txt.json", "--csv", out / "s.txt.json"], capsys, "", out)
@@ -532,16 +549,32 @@ def test_outputs_get_the_mode_the_umask_asks_for(tmp_path, umask, kind):
     assert (tmp_path / f"out.{kind}").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_a_file_created_meanwhile_by_another_writer_is_kept_and_nothing_published(tmp_path):
+def _no_hard_links(*_) -> None:
+    raise PermissionError(1, "Operation not permitted")
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links"])
+@pytest.mark.parametrize("theirs", ["file", "broken link"])
+def test_a_file_created_meanwhile_by_another_writer_is_kept_and_nothing_published(tmp_path, monkeypatch, hard_links,
+                                                                                   theirs):
     from hsam.runtime.errors import InputError
 
     with Outputs() as outputs:
         write_bytes_atomic(tmp_path / "scores.json", b"{}", outputs=outputs)
         write_bytes_atomic(tmp_path / "scores.csv", b"ours", outputs=outputs)
-        (tmp_path / "scores.csv").write_bytes(b"theirs")
+        if theirs == "file":
+            (tmp_path / "scores.csv").write_bytes(b"theirs")
+        else:
+            (tmp_path / "scores.csv").symlink_to(tmp_path / "gone.csv")
+        if not hard_links:  # as on FAT or some network shares
+            monkeypatch.setattr(os, "link", _no_hard_links)
         with pytest.raises(InputError, match="created by someone else"):
             outputs.publish()
-    assert os.listdir(tmp_path) == ["scores.csv"] and (tmp_path / "scores.csv").read_bytes() == b"theirs"
+    assert os.listdir(tmp_path) == ["scores.csv"]
+    if theirs == "file":
+        assert (tmp_path / "scores.csv").read_bytes() == b"theirs"
+    else:
+        assert os.readlink(tmp_path / "scores.csv") == str(tmp_path / "gone.csv")
 
 
 # ----------------------------------------------------------------------------- faults: disk, kill

@@ -344,7 +344,9 @@ def test_some_training_priors_come_from_the_slices_own_labels(phantom):
     _, labels, _ = phantom
     classes = class_indices(labels)
     prior = SlicePrior(classes, [3, 10], 2, "nearest")
-    np.testing.assert_array_equal(own_label_prior(torch.from_numpy(classes[3]).long(), 2).numpy(), prior.logits(3))
+    for dtype in (torch.long, torch.uint8):  # one implementation: ``one_hot_logits``
+        own = own_label_prior(torch.from_numpy(classes[3]).to(dtype), 2)
+        assert own.dtype == torch.float32 and np.array_equal(own.numpy(), prior.logits(3))
     targets = torch.from_numpy(classes[[10] * 40]).long()
     far = torch.from_numpy(np.stack([prior.leave_one_out(10)] * 40))
     mixed = mix_own_priors(far, targets, torch.Generator().manual_seed(0))

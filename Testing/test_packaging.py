@@ -158,6 +158,17 @@ def test_ui_defines_every_widget_the_module_uses(module):
     assert used <= set(widgets), f"missing in {module}.ui: {sorted(used - set(widgets))}"
 
 
+def test_the_segment_panel_only_wires_widgets_to_its_logic():
+    """``HSAMSegmentWidget`` shows what ``HSAMLib.segment_panel`` decides (tested there, without Qt)."""
+    tree = ast.parse((ROOT / "HSAMSegment" / "HSAMSegment.py").read_text(encoding="utf-8"))
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "HSAMSegmentWidget")
+    assert widget.end_lineno - widget.lineno < 150
+    methods = {f.name: f.end_lineno - f.lineno + 1 for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert max(methods.values()) <= 40, methods
+    names = {n.id for n in ast.walk(widget) if isinstance(n, ast.Name)} | _calls(widget, "")
+    assert "panel" in names and not names & {"segmenter", "WorkerJob", "CANCELLED", "SUCCEEDED", "models"}
+
+
 def parameter_fields(source: Path, class_name: str) -> set[str]:
     tree = ast.parse(source.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)

@@ -1,11 +1,16 @@
 """Perturbing priors in training, so that the model learns to correct interpolation errors it will
-meet: shifted structures, structures too large or too small, and structures the prior lacks."""
+meet: shifted structures, structures too large or too small, and structures the prior lacks.
 
+The random draws (``uniform``, ``randint``) are also those of the image augmentations (``hsam.training.augment``):
+training draws both from one ``torch.Generator``, whose stream a seed fixes.
+"""
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .priors import PRIOR_LOGIT
+from .priors import PRIOR_LOGIT, one_hot_logits
 
 SHIFT_PROBABILITY = 0.5
 MAX_SHIFT = 0.02  # of the slice side
@@ -17,13 +22,14 @@ DROP_PROBABILITY = 0.05
 OWN_PRIOR_PROBABILITY = 0.5
 
 
-def _uniform(generator: torch.Generator) -> float:
+def uniform(generator: torch.Generator) -> float:
+    """A number in [0, 1)."""
     return float(torch.rand(1, generator=generator))
 
 
-def _randint(generator: torch.Generator, low: int, high: int) -> int:
-    """An integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=generator))
+def randint(generator: torch.Generator, low: int, high: int) -> int:
+    """An integer in [low, high), as ``torch.randint``."""
+    return int(torch.randint(low, high, (1,), generator=generator))
 
 
 def shift(prior: Tensor, dy: int, dx: int) -> Tensor:
@@ -48,24 +54,22 @@ def perturb_prior(prior: Tensor, generator: torch.Generator) -> Tensor:
     """One slice's (K+1, H, W) prior logits, randomly shifted, each class grown or shrunk, or dropped."""
     out = prior.clone()
     h, w = prior.shape[-2:]
-    if _uniform(generator) < SHIFT_PROBABILITY:
+    if uniform(generator) < SHIFT_PROBABILITY:
         reach = max(1, round(MAX_SHIFT * max(h, w)))
-        out = shift(out, _randint(generator, -reach, reach), _randint(generator, -reach, reach))
+        out = shift(out, randint(generator, -reach, reach + 1), randint(generator, -reach, reach + 1))
     for k in range(1, prior.shape[0]):
-        if _uniform(generator) < DROP_PROBABILITY:
+        if uniform(generator) < DROP_PROBABILITY:
             out[k] = -PRIOR_LOGIT
-        elif _uniform(generator) < MORPHOLOGY_PROBABILITY:
-            out[k] = dilate(out[k], _randint(generator, -MAX_RADIUS, MAX_RADIUS))
+        elif uniform(generator) < MORPHOLOGY_PROBABILITY:
+            out[k] = dilate(out[k], randint(generator, -MAX_RADIUS, MAX_RADIUS + 1))
     return out
 
 
 def own_label_prior(labels: Tensor, num_classes: int) -> Tensor:
-    """(H, W) class indices -> (K+1, H, W) one-hot prior logits (background 0, classes ±PRIOR_LOGIT)."""
-    logits = torch.full((num_classes + 1, *labels.shape), -PRIOR_LOGIT, device=labels.device)
-    logits[0] = 0.0
-    for k in range(1, num_classes + 1):
-        logits[k][labels == k] = PRIOR_LOGIT
-    return logits
+    """(H, W) class indices -> (K+1, H, W) one-hot prior logits, ``SlicePrior``'s (``one_hot_logits``),
+    on the labels' device: each pixel gets the logits of its class."""
+    by_class = torch.from_numpy(one_hot_logits(np.arange(num_classes + 1), num_classes))  # (K+1, K+1)
+    return by_class.to(labels.device)[:, labels.long()]
 
 
 def mix_own_priors(priors: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
@@ -73,7 +77,7 @@ def mix_own_priors(priors: Tensor, targets: Tensor, generator: torch.Generator) 
     by its slice's own labels (``targets`` (N, H, W)), to be perturbed like the others."""
     out = priors.clone()
     for i in range(len(priors)):
-        if _uniform(generator) < OWN_PRIOR_PROBABILITY:
+        if uniform(generator) < OWN_PRIOR_PROBABILITY:
             out[i] = own_label_prior(targets[i], priors.shape[1] - 1)
     return out
 

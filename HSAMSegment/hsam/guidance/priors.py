@@ -13,7 +13,7 @@ Kinds (``PRIOR_KINDS``):
   slice; a class annotated on one side only shrinks away by the midpoint. Logits −d/τ, τ =
   ``DISTANCE_SCALE`` pixels: soft near boundaries, where interpolation errs.
 * ``nearest``: the labels of the nearest annotated slice (one-hot logits).
-* ``fill``: the Segment Editor's *Fill between slices* (``hsam.baselines.fill_between_slices``).
+* ``fill``: the Segment Editor's *Fill between slices* (``hsam.guidance.fill.fill_between_slices``).
 * ``flow`` (the default): the annotated slices' labels carried along the optical flow between
   neighbouring image slices, both directions blended by distance (``hsam.guidance.flow``); it needs
   the volume's slices. Probabilities p give logits log p − log p₀, as ``linear``.
@@ -83,17 +83,17 @@ class SlicePrior:
         below = [a for a in known if a <= index]
         above = [a for a in known if a >= index]
         if not below or not above:  # outside the annotated range
-            return self._one_hot(self.labels[below[-1] if below else above[0]])
+            return one_hot_logits(self.labels[below[-1] if below else above[0]], self.num_classes)
         low, high = below[-1], above[0]
         if low == high:
-            return self._one_hot(self.labels[low])
+            return one_hot_logits(self.labels[low], self.num_classes)
         if self.kind == "linear":
             weight = (index - low) / (high - low)
             return self._blend(self.labels[low], self.labels[high], weight)
         if self.kind == "nearest":
-            return self._one_hot(self.labels[low if index - low <= high - index else high])
+            return one_hot_logits(self.labels[low if index - low <= high - index else high], self.num_classes)
         if self.kind == "fill":
-            return self._one_hot(self._filled(low, high)[index - low])
+            return one_hot_logits(self._filled(low, high)[index - low], self.num_classes)
         return self._interpolated_distance(low, high, (index - low) / (high - low))
 
     def leave_one_out(self, index: int) -> np.ndarray:
@@ -101,13 +101,6 @@ class SlicePrior:
         if index not in self.annotated:
             raise ValueError(f"slice {index} is not annotated")
         return self.logits(index, exclude=index)
-
-    def _one_hot(self, labels: np.ndarray) -> np.ndarray:
-        out = np.full((self.num_classes + 1, *labels.shape), -PRIOR_LOGIT, dtype=np.float32)
-        out[0] = 0.0
-        for k in range(1, self.num_classes + 1):
-            out[k][labels == k] = PRIOR_LOGIT
-        return out
 
     def _blend(self, below: np.ndarray, above: np.ndarray, weight: float) -> np.ndarray:
         """Logits of (1 − weight)·one-hot(below) + weight·one-hot(above), relative to the background."""
@@ -139,6 +132,16 @@ class SlicePrior:
 
         slab = self.labels[low : high + 1]
         return fill_between_slices(slab, [0, high - low], axis=0)
+
+
+def one_hot_logits(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class indices (..., e.g. (H, W)) -> (K+1, ...) float32 prior logits: the background 0, each class
+    +``PRIOR_LOGIT`` on its pixels and −``PRIOR_LOGIT`` elsewhere."""
+    out = np.full((num_classes + 1, *labels.shape), -PRIOR_LOGIT, dtype=np.float32)
+    out[0] = 0.0
+    for k in range(1, num_classes + 1):
+        out[k][labels == k] = PRIOR_LOGIT
+    return out
 
 
 def probability_logits(probabilities: np.ndarray) -> np.ndarray:

@@ -15,13 +15,16 @@ Labels are always resampled by nearest neighbour. The authors' elastic branch in
 bilinearly (fractional labels at borders, truncated to the lower class); that is not reproduced.
 Their rotation also uses nearest neighbour for the image; that is the default here
 (``rotation_image_mode="bilinear"`` smooths it). Random numbers come from a ``torch.Generator`` on
-the CPU, so a seed gives the same augmentations on every device.
+the CPU, so a seed gives the same augmentations on every device; the prior perturbations of guided
+training (``hsam.guidance.augment``) draw from it too, with the same ``uniform`` and ``randint``.
 """
 
 import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..guidance.augment import randint, uniform
 
 ROTATE_THRESHOLD = 0.55
 CROP_THRESHOLD = 0.25
@@ -31,15 +34,6 @@ CROP_RATIO = (0.2, 0.8)
 ELASTIC_ALPHA = 2.0
 ELASTIC_SIGMA = 0.08
 ELASTIC_ALPHA_AFFINE = 0.08
-
-
-def _uniform(generator: torch.Generator, *shape: int) -> Tensor:
-    return torch.rand(shape, generator=generator)
-
-
-def _randint(generator: torch.Generator, low: int, high: int) -> int:
-    """An integer in [low, high)."""
-    return int(torch.randint(low, high, (1,), generator=generator))
 
 
 def _pixel_grid(h: int, w: int, device: torch.device) -> Tensor:
@@ -122,12 +116,12 @@ def elastic(
     centre = torch.tensor([w // 2, h // 2], dtype=torch.float32)
     side = min(h, w) // 3
     points = torch.stack([centre + side, centre + torch.tensor([side, -side]), centre - side])
-    moved = points + (_uniform(generator, 3, 2) * 2 - 1) * alpha_affine
+    moved = points + (torch.rand((3, 2), generator=generator) * 2 - 1) * alpha_affine
     ones = torch.ones(3, 1)
     # Output pixel p takes the value at forward⁻¹(p); solve for the map moved -> points directly.
     inverse = torch.linalg.solve(torch.cat([moved, ones], 1), points).T  # (2, 3)
 
-    noise = (_uniform(generator, 2, 1, h, w) * 2 - 1).to(device)
+    noise = (torch.rand((2, 1, h, w), generator=generator) * 2 - 1).to(device)
     displacement = gaussian_blur(noise, sigma)[:, 0] * alpha  # (2, H, W): dx, dy
     pixels = _pixel_grid(h, w, device) + displacement.permute(1, 2, 0)
     inverse = inverse.to(device)
@@ -150,16 +144,16 @@ class RandomAugmentation:
 
     def augment_slice(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
         g = self.generator
-        if float(_uniform(g, 1)) > ROTATE_THRESHOLD:
-            angle = _randint(g, -MAX_ANGLE, MAX_ANGLE)
+        if uniform(g) > ROTATE_THRESHOLD:
+            angle = randint(g, -MAX_ANGLE, MAX_ANGLE)
             return rotate(image, label, angle, self.rotation_image_mode)
-        if float(_uniform(g, 1)) > CROP_THRESHOLD:
+        if uniform(g) > CROP_THRESHOLD:
             h, w = image.shape[-2:]
-            scale = CROP_RATIO[0] + float(_uniform(g, 1)) * (CROP_RATIO[1] - CROP_RATIO[0])
+            scale = CROP_RATIO[0] + uniform(g) * (CROP_RATIO[1] - CROP_RATIO[0])
             side_h, side_w = max(1, int(h * scale)), max(1, int(w * scale))
-            top, left = _randint(g, 0, h - side_h), _randint(g, 0, w - side_w)
+            top, left = randint(g, 0, h - side_h), randint(g, 0, w - side_w)
             return crop_and_zoom(image, label, top, left, side_h, side_w)
-        if float(_uniform(g, 1)) > ELASTIC_THRESHOLD:
+        if uniform(g) > ELASTIC_THRESHOLD:
             return elastic(image, label, g)
         return image, label
 

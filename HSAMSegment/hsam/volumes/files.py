@@ -54,6 +54,8 @@ def check_writable(path: PathLike, overwrite: bool) -> None:
         raise InputError(f"folder {folder} does not exist")
     if path.is_dir():
         raise InputError(f"{path} is a folder")
+    if path.is_symlink() and not path.exists() and not overwrite:  # else refused only after the work
+        raise InputError(f"{path} is a broken symbolic link (to {os.readlink(path)}); pass --overwrite to replace the link")
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists; pass --overwrite to replace it")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -251,7 +253,7 @@ class Outputs:
         except FileExistsError:
             raise InputError(f"{path} was created by someone else meanwhile; pass --overwrite to replace it") from None
         except OSError:  # a file system without hard links
-            if path.exists():
+            if os.path.lexists(path):
                 raise InputError(f"{path} was created by someone else meanwhile; pass --overwrite to replace it") from None
             os.replace(temporary, path)
             return
