@@ -160,43 +160,89 @@ def run_demo(
     ViT-B is fine-tuned. ``cmattn``: "reference" or "paper" (see docs/model.md); ``seed`` makes the
     run repeatable. ``progress(fraction, message)``; ``cancel`` stops it before anything is written.
     """
-    from .evaluation.baselines import flow_propagation, nearest_slice_copy
-    from .guidance.fill import fill_between_slices
-    from .guidance.priors import annotated_slices
-    from .inference.segment import segment_volume
-    from .models.bundle import save_bundle
     from .runtime.devices import select_device
-    from .training.config import FinetuneConfig
     from .training.finetune import finetune
-    from .volumes.preprocess import IntensityPreprocessing
-    from .volumes.segmentation import Segment, write_labelmap, write_segmentation
-    from .volumes.volume import Volume, read_volume, write_volume
 
     started = time.monotonic()
     report = progress or (lambda fraction, message: None)
     out_dir = Path(out_dir)
     report(0.0, "reading the MNI152 2009a template (nilearn)")
-    t1 = read_volume(template_path("t1"))
-    gm, wm = read_volume(template_path("gm")).array, read_volume(template_path("wm")).array
-    labels = brain_labels(gm, wm)
-    volume = Volume(t1.array.astype(np.float32), t1.spacing, t1.origin, t1.direction)
-    segments = [Segment(name=name, label_value=value, color=colour) for name, value, colour in CLASSES]
-    labelled = annotated_slices(labels, 0)
+    t1, volume, labels, segments = _demo_data()
+    labelled = _labelled_slices(labels)
     annotated = labelled[annotate_every // 2 :: annotate_every]
     evaluated = [z for z in labelled if z not in annotated]
 
     report(0.01, "baselines: flow propagation, nearest-slice copy and Fill between slices")
-    baselines = {
-        "flow propagation": flow_propagation(volume.array, labels, annotated),
-        "nearest-slice copy": nearest_slice_copy(labels, annotated),
-        "Fill between slices": fill_between_slices(labels, annotated),
-    }
+    baselines = _baselines(volume, labels, annotated)
 
     torch_device = select_device(device)
     preset = "vit_b" if sam_checkpoint is not None else "tiny"
     if time_budget is None and epochs is None and torch_device.type == "cpu":
         time_budget = CPU_TIME_BUDGET
-    config = FinetuneConfig(
+    config = _demo_config(preset, sam_checkpoint, img_size, epochs, time_budget, annotated, torch_device, cmattn, seed)
+
+    def on_step(p) -> None:
+        report(0.05 + 0.75 * p.fraction, f"fine-tuning: {p.message}")
+
+    report(0.05, f"fine-tuning {preset} on {len(annotated)} annotated slices ({annotated[0]}, {annotated[1]}, …)")
+    result = finetune(volume, labels, segments, config, progress=on_step, cancel=cancel)
+    predictions = _predictions(result, volume, labels, annotated, preset, torch_device, report, cancel)
+
+    report(0.95, "scoring and writing the results")
+    scores = _scores({**predictions, **baselines}, labels, evaluated, volume.spacing)
+    files = {key: Path(out_dir) / name for key, name in _FILES.items()}
+    demo = DemoResult(out_dir, files, scores, annotated, evaluated, result.metadata.training, time.monotonic() - started)
+    _write_demo(demo, preset, result, t1, volume, labels, segments, predictions)
+    report(1.0, f"done in {demo.seconds:.0f} s")
+    return demo
+
+
+_FILES = {
+    "model": "demo.hsam",
+    "image": "mni152_t1.nrrd",
+    "segmentation": "segmentation.seg.nrrd",
+    "labels": "labels.nrrd",
+    "overlay": "overlay.png",
+    "scores": "dice.csv",
+    "readme": "README.txt",
+}
+
+
+def _demo_data():
+    """(T1 template, its float volume, the brain labels, their segments)."""
+    from .volumes.segmentation import Segment
+    from .volumes.volume import Volume, read_volume
+
+    t1 = read_volume(template_path("t1"))
+    gm, wm = read_volume(template_path("gm")).array, read_volume(template_path("wm")).array
+    labels = brain_labels(gm, wm)
+    volume = Volume(t1.array.astype(np.float32), t1.spacing, t1.origin, t1.direction)
+    segments = [Segment(name=name, label_value=value, color=colour) for name, value, colour in CLASSES]
+    return t1, volume, labels, segments
+
+
+def _labelled_slices(labels: np.ndarray) -> list[int]:
+    from .guidance.priors import annotated_slices
+
+    return annotated_slices(labels, 0)
+
+
+def _baselines(volume, labels: np.ndarray, annotated: list[int]) -> dict[str, np.ndarray]:
+    from .evaluation.baselines import flow_propagation, nearest_slice_copy
+    from .guidance.fill import fill_between_slices
+
+    return {
+        "flow propagation": flow_propagation(volume.array, labels, annotated),
+        "nearest-slice copy": nearest_slice_copy(labels, annotated),
+        "Fill between slices": fill_between_slices(labels, annotated),
+    }
+
+
+def _demo_config(preset, sam_checkpoint, img_size, epochs, time_budget, annotated, torch_device, cmattn, seed):
+    from .training.config import FinetuneConfig
+    from .volumes.preprocess import IntensityPreprocessing
+
+    return FinetuneConfig(
         preset=preset,
         sam_checkpoint=sam_checkpoint,
         img_size=img_size,
@@ -210,11 +256,10 @@ def run_demo(
         guidance=DEFAULT_PRIOR,
     )
 
-    def on_step(p) -> None:
-        report(0.05 + 0.75 * p.fraction, f"fine-tuning: {p.message}")
 
-    report(0.05, f"fine-tuning {preset} on {len(annotated)} annotated slices ({annotated[0]}, {annotated[1]}, …)")
-    result = finetune(volume, labels, segments, config, progress=on_step, cancel=cancel)
+def _predictions(result, volume, labels, annotated, preset, torch_device, report, cancel) -> dict[str, np.ndarray]:
+    """The fine-tuned model's labelmaps of the whole volume, guided by the drawn slices and prompt-free."""
+    from .inference.segment import segment_volume
 
     drawn = np.zeros_like(labels)
     drawn[annotated] = labels[annotated]
@@ -228,31 +273,32 @@ def run_demo(
         ).labels
     if cancel is not None and cancel.is_set():
         raise Cancelled("demo cancelled")
-    predicted = predictions[f"H-SAM {preset} guided"]
+    return predictions
 
-    report(0.95, "scoring and writing the results")
-    tables = {method: _score(p, labels, evaluated, volume.spacing) for method, p in predictions.items()}
-    tables.update({method: _score(b, labels, evaluated, volume.spacing) for method, b in baselines.items()})
+
+def _scores(labelmaps: dict[str, np.ndarray], labels, evaluated, spacing) -> list[dict]:
+    """Dice and HD95 of every method (predictions first, then baselines) per class."""
+    tables = {method: _score(p, labels, evaluated, spacing) for method, p in labelmaps.items()}
     scores = []
     for name, value, _ in CLASSES:
         for method, table in tables.items():
             scores.append({"class": name, "method": method, "dice": table[value][0], "hd95_mm": table[value][1]})
+    return scores
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "model": out_dir / "demo.hsam",
-        "image": out_dir / "mni152_t1.nrrd",
-        "segmentation": out_dir / "segmentation.seg.nrrd",
-        "labels": out_dir / "labels.nrrd",
-        "overlay": out_dir / "overlay.png",
-        "scores": out_dir / "dice.csv",
-        "readme": out_dir / "README.txt",
-    }
-    demo = DemoResult(out_dir, files, scores, annotated, evaluated, result.metadata.training, time.monotonic() - started)
+
+def _write_demo(demo: DemoResult, preset, result, t1, volume, labels, segments, predictions) -> None:
+    """Write all of the demo's files, or none."""
+    from .models.bundle import save_bundle
+    from .volumes.segmentation import write_labelmap, write_segmentation
+    from .volumes.volume import write_volume
+
+    files, evaluated = demo.files, demo.evaluated_slices
+    demo.out_dir.mkdir(parents=True, exist_ok=True)
     with Outputs(overwrite=True) as outputs:  # all files or none
         save_bundle(files["model"], result.model, result.metadata, outputs=outputs)
         write_volume(files["image"], t1, outputs=outputs)
-        write_segmentation(files["segmentation"], predicted, volume, segments, outputs=outputs)
+        write_segmentation(files["segmentation"], predictions[f"H-SAM {preset} guided"], volume, segments,
+                           outputs=outputs)
         write_labelmap(files["labels"], labels, volume, outputs=outputs)
         shown = [evaluated[int(i)] for i in np.linspace(0.3, 0.7, OVERLAY_SLICES) * (len(evaluated) - 1)]
         anterior_up = volume.direction[4] < 0  # LPS: y index growing anteriorly
@@ -261,9 +307,7 @@ def run_demo(
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["class", "method", "dice", "hd95_mm"], lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": _mm(r["hd95_mm"], 3)} for r in scores)
+        writer.writerows({**r, "dice": f"{r['dice']:.4f}", "hd95_mm": _mm(r["hd95_mm"], 3)} for r in demo.scores)
         write_bytes_atomic(files["scores"], text.getvalue().encode(), outputs=outputs)
         write_bytes_atomic(files["readme"], _readme(demo, preset).encode(), outputs=outputs)
         outputs.publish()
-    report(1.0, f"done in {demo.seconds:.0f} s")
-    return demo

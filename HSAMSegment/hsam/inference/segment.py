@@ -279,6 +279,44 @@ def segment_volume(
     finds none of them without annotations or atlases notes ``NOTHING_FOUND``.
     """
     array = np.asarray(volume.array)
+    _check_arguments(model, metadata, array, batch_size, uncertainty)
+    torch_device = select_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
+    axis = SLICE_AXES[metadata.slice_axis]
+    start, stop = _slice_bounds(slice_range, array.shape[axis])
+    report = progress or (lambda fraction, message: None)
+    guide, choice, prior_source = _choose_guide(model, metadata, annotations, atlases, volume, array, axis, report,
+                                                cancel)
+    outputs = _Outputs.allocate(metadata, array.shape, axis, return_probabilities, uncertainty is not None)
+    preprocessing = IntensityPreprocessing.from_dict(metadata.preprocessing)
+    intensity_range = preprocessing.intensity_range(array)
+    source_slices = np.moveaxis(array, axis, 0)  # normalised batch by batch: no float copy of the volume
+
+    def inputs(index: int, end: int):
+        slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
+        return slices, None if guide is None else guide.batch(index, end).to(torch_device)
+
+    def forward(slices: torch.Tensor, prior: Optional[torch.Tensor]):
+        return _forward(model, slices.to(torch_device), autocast_dtype, uncertainty, prior, choice)
+
+    was_training = model.training
+    model.to(torch_device).eval()
+    try:
+        with torch.inference_mode():
+            _run_batches(inputs, forward, outputs, start, stop, batch_size, torch_device, report, cancel)
+    finally:
+        model.train(was_training)
+        release_scratch_buffer()
+    notes = _post_process(model, metadata, outputs, guide, annotations, axis, slice_range, largest_component, cancel)
+    scores = None
+    if outputs.uncertainty_map is not None:
+        scores = slice_scores(outputs.uncertainty_map, axis)
+        scores[:start] = scores[stop:] = np.nan
+    return SegmentationResult(outputs.labels, outputs.probabilities, outputs.uncertainty_map, scores, prior_source,
+                              notes)
+
+
+def _check_arguments(model: HSAM, metadata, array: np.ndarray, batch_size: int, uncertainty: Optional[str]) -> None:
     _check_volume(array)
     _check_model(model, metadata)
     if batch_size < 1:
@@ -287,11 +325,10 @@ def segment_volume(
         raise InputError(f"unknown slice axis {metadata.slice_axis!r} in the model's metadata")
     if uncertainty is not None and uncertainty not in SIGNALS:
         raise InputError(f"unknown uncertainty signal {uncertainty!r}; choose one of {', '.join(SIGNALS)}")
-    torch_device = select_device(device)
-    autocast_dtype = resolve_precision(precision, torch_device)
-    axis = SLICE_AXES[metadata.slice_axis]
-    start, stop = _slice_bounds(slice_range, array.shape[axis])
-    report = progress or (lambda fraction, message: None)
+
+
+def _choose_guide(model: HSAM, metadata, annotations, atlases, volume, array: np.ndarray, axis: int, report, cancel):
+    """(guide, per-class choice, prior source): the annotations' prior, else the atlases', else none."""
     guide = _annotation_prior(model, metadata, annotations, array, axis)
     choice = metadata.guidance.get("choice") if guide is not None else None
     prior_source = "annotations" if guide is not None else None
@@ -299,76 +336,87 @@ def segment_volume(
         guide = _atlas_guide(model, metadata, atlases, volume, axis, report, cancel)
         if guide is not None:
             choice, prior_source = guide.choice, "atlas"
-    notes = []
+    return guide, choice, prior_source
 
-    lookup = np.array([0, *metadata.label_values], dtype=_label_dtype(metadata.label_values))
-    labels = np.zeros(array.shape, dtype=lookup.dtype)
-    labels_slices = np.moveaxis(labels, axis, 0)
-    probabilities = probabilities_slices = None
-    if return_probabilities:
-        probabilities = np.zeros((metadata.num_classes + 1, *array.shape), dtype=np.float16)
-        probabilities[0] = 1.0  # slices outside the range are background
-        probabilities_slices = np.moveaxis(probabilities, axis + 1, 1)
-    uncertainty_map = uncertainty_slices = None
-    if uncertainty is not None:
-        uncertainty_map = np.zeros(array.shape, dtype=np.float32)
-        uncertainty_slices = np.moveaxis(uncertainty_map, axis, 0)
-    preprocessing = IntensityPreprocessing.from_dict(metadata.preprocessing)
-    intensity_range = preprocessing.intensity_range(array)
-    source_slices = np.moveaxis(array, axis, 0)  # normalised batch by batch: no float copy of the volume
 
-    was_training = model.training
-    model.to(torch_device).eval()
-    try:
-        with torch.inference_mode():
-            index, batch = start, batch_size
-            while index < stop:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("segmentation cancelled")
-                end = min(index + batch, stop)
-                slices = torch.from_numpy(preprocessing.apply(source_slices[index:end], intensity_range))
-                prior = None if guide is None else guide.batch(index, end).to(torch_device)
-                try:
-                    logits, voxels = _forward(model, slices.to(torch_device), autocast_dtype, uncertainty, prior, choice)
-                except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not is_out_of_memory(e):
-                        raise
-                    logits = None
-                if logits is None:  # retried outside the handler so that the failed batch's memory is freed
-                    if batch == 1:
-                        raise HSAMError(
-                            f"out of memory on {torch_device} with a single slice: use --device cpu, "
-                            "a smaller volume, or a model with a smaller input size"
-                        )
-                    batch //= 2
-                    if torch_device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                classes = class_indices(logits)
-                labels_slices[index:end] = lookup[classes.cpu().numpy()]
-                if probabilities_slices is not None:
-                    probs = torch.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
-                    probabilities_slices[:, index:end] = probs.transpose(1, 0, 2, 3)
-                if uncertainty_slices is not None:
-                    uncertainty_slices[index:end] = voxels.cpu().numpy()
-                done = end - start
-                report(done / (stop - start), f"slice {done}/{stop - start} (batch {batch})")
-                index = end
-    finally:
-        model.train(was_training)
-        release_scratch_buffer()
+@dataclass
+class _Outputs:
+    """The labelmap and, when asked for, probabilities and uncertainty, with slice-first views to fill."""
 
+    lookup: np.ndarray
+    labels: np.ndarray
+    labels_slices: np.ndarray
+    probabilities: Optional[np.ndarray] = None
+    probabilities_slices: Optional[np.ndarray] = None
+    uncertainty_map: Optional[np.ndarray] = None
+    uncertainty_slices: Optional[np.ndarray] = None
+
+    @classmethod
+    def allocate(cls, metadata, shape: tuple, axis: int, probabilities: bool, uncertainty: bool) -> "_Outputs":
+        lookup = np.array([0, *metadata.label_values], dtype=_label_dtype(metadata.label_values))
+        labels = np.zeros(shape, dtype=lookup.dtype)
+        outputs = cls(lookup, labels, np.moveaxis(labels, axis, 0))
+        if probabilities:
+            outputs.probabilities = np.zeros((metadata.num_classes + 1, *shape), dtype=np.float16)
+            outputs.probabilities[0] = 1.0  # slices outside the range are background
+            outputs.probabilities_slices = np.moveaxis(outputs.probabilities, axis + 1, 1)
+        if uncertainty:
+            outputs.uncertainty_map = np.zeros(shape, dtype=np.float32)
+            outputs.uncertainty_slices = np.moveaxis(outputs.uncertainty_map, axis, 0)
+        return outputs
+
+    def write(self, index: int, end: int, logits: torch.Tensor, voxels) -> None:
+        classes = class_indices(logits)
+        self.labels_slices[index:end] = self.lookup[classes.cpu().numpy()]
+        if self.probabilities_slices is not None:
+            probs = torch.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
+            self.probabilities_slices[:, index:end] = probs.transpose(1, 0, 2, 3)
+        if self.uncertainty_slices is not None:
+            self.uncertainty_slices[index:end] = voxels.cpu().numpy()
+
+
+def _run_batches(inputs, forward, outputs: _Outputs, start: int, stop: int, batch_size: int, torch_device, report,
+                 cancel) -> None:
+    """Slices ``start:stop`` through ``forward(*inputs(index, end))`` in batches, halving the batch on out of
+    memory."""
+    index, batch = start, batch_size
+    while index < stop:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("segmentation cancelled")
+        end = min(index + batch, stop)
+        slices, prior = inputs(index, end)
+        try:
+            logits, voxels = forward(slices, prior)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            logits = None
+        if logits is None:  # retried outside the handler so that the failed batch's memory is freed
+            if batch == 1:
+                raise HSAMError(
+                    f"out of memory on {torch_device} with a single slice: use --device cpu, "
+                    "a smaller volume, or a model with a smaller input size"
+                )
+            batch //= 2
+            if torch_device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        outputs.write(index, end, logits, voxels)
+        done = end - start
+        report(done / (stop - start), f"slice {done}/{stop - start} (batch {batch})")
+        index = end
+
+
+def _post_process(model: HSAM, metadata, outputs: _Outputs, guide, annotations, axis: int, slice_range,
+                  largest_component: bool, cancel) -> list[str]:
+    """Keep the largest components, the annotated slices as drawn; the notes on missing classes."""
     if largest_component:
-        keep_largest_components(labels, metadata.label_values, cancel)
+        keep_largest_components(outputs.labels, metadata.label_values, cancel)
     if isinstance(guide, _AnnotationGuide):
-        guide.keep_annotated(labels_slices, np.moveaxis(annotations, axis, 0))
+        guide.keep_annotated(outputs.labels_slices, np.moveaxis(annotations, axis, 0))
     elif slice_range is None:
-        notes += _missing_classes(model, metadata, guide, labels_slices, lookup)
-    scores = None
-    if uncertainty_map is not None:
-        scores = slice_scores(uncertainty_map, axis)
-        scores[:start] = scores[stop:] = np.nan
-    return SegmentationResult(labels, probabilities, uncertainty_map, scores, prior_source, notes)
+        return _missing_classes(model, metadata, guide, outputs.labels_slices, outputs.lookup)
+    return []
 
 
 def _missing_classes(model: HSAM, metadata, guide: Optional[_AtlasGuide], labels: np.ndarray,

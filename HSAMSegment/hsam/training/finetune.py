@@ -211,42 +211,49 @@ def _atlas_guidance(model: HSAM, loop: _Loop, atlases: list[Atlas], device: torc
     return guidance
 
 
-def _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel, preview) -> FinetuneResult:
+def _setup_model(config: FinetuneConfig, num_classes: int, device: torch.device):
+    """The model to fine-tune, seeded, with its trainable parts and gradient checkpointing set."""
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    built = _build_model(config, len(classes.label_values))
+    built = _build_model(config, num_classes)
     model = built.model
-    train_encoder = built.base_checkpoint is None
-    if train_encoder:
+    if built.base_checkpoint is None:
         model.requires_grad_(True)
     checkpointing = config.gradient_checkpointing
     model.image_encoder.gradient_checkpointing = (
         device.type == "cuda" and built.preset != "tiny" if checkpointing is None else checkpointing
     )
+    return built
 
+
+def _preprocessing(config: FinetuneConfig, built) -> IntensityPreprocessing:
+    """The intensity preprocessing asked for, else the base bundle's, else percentile scaling."""
     if config.preprocessing is not None:
-        preprocessing = config.preprocessing
-    elif built.preprocessing is not None:
-        preprocessing = IntensityPreprocessing.from_dict(built.preprocessing)
-    else:
-        preprocessing = IntensityPreprocessing(mode="percentile")
-    atlases, atlas_priors = [], []
-    if config.atlas and built.guidance is not None:
-        def report(message: str) -> None:
-            if progress is not None and ddp.rank == 0:
-                progress(TrainingProgress(0.0, 0, 0, float("nan"), None, message))
+        return config.preprocessing
+    if built.preprocessing is not None:
+        return IntensityPreprocessing.from_dict(built.preprocessing)
+    return IntensityPreprocessing(mode="percentile")
 
-        atlases = training_atlases(cases, class_labels, slices, SLICE_AXES[config.slice_axis], model.num_classes, report)
-        atlas_priors = leave_one_out_atlas_priors(cases, atlases, model.num_classes, SLICE_AXES[config.slice_axis],
-                                                  report, cancel)
-    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size, built.guidance,
-                          model.num_classes, atlas_priors)
 
-    model.to(device)
-    base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
-    metadata = BundleMetadata(
+def _atlas_priors(cases, class_labels, slices, config, built, ddp, progress, cancel) -> tuple[list, list]:
+    """The training atlases and their leave-one-volume-out priors; empty without atlas guidance."""
+    if not (config.atlas and built.guidance is not None):
+        return [], []
+
+    def report(message: str) -> None:
+        if progress is not None and ddp.rank == 0:
+            progress(TrainingProgress(0.0, 0, 0, float("nan"), None, message))
+
+    num_classes, axis = built.model.num_classes, SLICE_AXES[config.slice_axis]
+    atlases = training_atlases(cases, class_labels, slices, axis, num_classes, report)
+    return atlases, leave_one_out_atlas_priors(cases, atlases, num_classes, axis, report, cancel)
+
+
+def _metadata(built, classes, preprocessing: IntensityPreprocessing, config: FinetuneConfig) -> BundleMetadata:
+    model = built.model
+    return BundleMetadata(
         preset=built.preset,
         img_size=model.img_size,
         num_classes=model.num_classes,
@@ -261,27 +268,23 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         base_checkpoint=built.base_checkpoint,
         guidance={"prior": built.guidance, "prompt_dropout": config.prompt_dropout} if built.guidance else None,
     )
-    if built.guidance is not None and config.epochs is None:
-        config = replace(config, epochs=DEFAULT_GUIDED_EPOCHS)
-    loop = _Loop(model, config, ddp, device, base_lr, data, classes.names, progress, cancel)
-    if preview is not None and ddp.rank == 0:
-        loop.on_epoch = lambda: preview(model, metadata)
-    torch.manual_seed(config.seed + ddp.rank)  # the embedding noise differs between processes
-    if config.resume is not None:
-        loop.resume(load_training_state(config.resume))
-    loop.run()
 
-    state = loop.state(classes)
+
+def _keep_best(model: HSAM, loop: _Loop, metadata: BundleMetadata, atlases: list[Atlas], device, batch_size) -> None:
+    """Load the best weights and choose, per class, what segmentation with a prior keeps."""
     if loop.best_state is not None:
         model.load_state_dict({k: v.to(device) for k, v in loop.best_state.items()}, strict=False)
     if metadata.guided and loop.val_priors is not None:
-        selection = select_sources(model, loop.val_images, loop.val_targets, loop.val_priors, device, config.batch_size)
+        selection = select_sources(model, loop.val_images, loop.val_targets, loop.val_priors, device, batch_size)
         metadata.guidance["choice"] = selection["choice"]
         metadata.guidance["selection"] = {"slices": len(loop.val_images), "dice": selection["dice"]}
     if atlases:
-        metadata.guidance["atlas"] = _atlas_guidance(model, loop, atlases, device, config.batch_size)
-    model.eval()
-    metadata.training = {
+        metadata.guidance["atlas"] = _atlas_guidance(model, loop, atlases, device, batch_size)
+
+
+def _training_summary(cases, class_labels, classes, data, built, loop: _Loop, config, base_lr, ddp, device) -> dict:
+    """The training record kept in the bundle's metadata."""
+    return {
         "hsam_version": __version__,
         "cases": [
             {
@@ -306,9 +309,36 @@ def _run(cases, class_labels, slices, classes, config, device, ddp, progress, ca
         "batch_size": config.batch_size,
         "processes": ddp.world_size,
         "augmentation": config.augment,
-        "trained_encoder": train_encoder,
+        "trained_encoder": built.base_checkpoint is None,
         "seed": config.seed,
         "device": str(device),
     }
+
+
+def _run(cases, class_labels, slices, classes, config, device, ddp, progress, cancel, preview) -> FinetuneResult:
+    built = _setup_model(config, len(classes.label_values), device)
+    model = built.model
+    preprocessing = _preprocessing(config, built)
+    atlases, atlas_priors = _atlas_priors(cases, class_labels, slices, config, built, ddp, progress, cancel)
+    data = _training_data(cases, class_labels, slices, preprocessing, config, model.img_size, built.guidance,
+                          model.num_classes, atlas_priors)
+
+    model.to(device)
+    base_lr = config.learning_rate or DEFAULT_LEARNING_RATE.get(built.preset, FALLBACK_LEARNING_RATE)
+    metadata = _metadata(built, classes, preprocessing, config)
+    if built.guidance is not None and config.epochs is None:
+        config = replace(config, epochs=DEFAULT_GUIDED_EPOCHS)
+    loop = _Loop(model, config, ddp, device, base_lr, data, classes.names, progress, cancel)
+    if preview is not None and ddp.rank == 0:
+        loop.on_epoch = lambda: preview(model, metadata)
+    torch.manual_seed(config.seed + ddp.rank)  # the embedding noise differs between processes
+    if config.resume is not None:
+        loop.resume(load_training_state(config.resume))
+    loop.run()
+
+    state = loop.state(classes)
+    _keep_best(model, loop, metadata, atlases, device, config.batch_size)
+    model.eval()
+    metadata.training = _training_summary(cases, class_labels, classes, data, built, loop, config, base_lr, ddp, device)
     loop.report(f"finished: {loop.epoch} epochs, {loop.iteration} steps", fraction=1.0)
     return FinetuneResult(model, metadata, loop.history, state, atlases)
