@@ -30,38 +30,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hsam {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_segment, _add_propagate, _add_suggest, _add_finetune, _add_evaluate, _add_info,
+                        _add_download, _add_devices, _add_demo):
+        add_command(commands)
+    return parser
 
-    def seed_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--seed", type=int, default=2345, help="random seed of the fine-tuning (default: 2345, the authors')")
 
-    def cmattn_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
-                       help="CMAttn variant: reference = the authors' code (default), paper = as the paper describes it")
+# Options that several commands share.
 
-    def progress_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--progress", default="bar", choices=("bar", "json"),
-                       help="bar: a progress bar on stderr (default); json: one JSON object per line on stdout "
-                       "(event, phase, fraction, message; epoch, loss, val_dice when training), for programs")
+def _seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=2345, help="random seed of the fine-tuning (default: 2345, the authors')")
 
-    def series_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--series", metavar="UID",
-                       help="the DICOM series to read when the volume folder holds several (default: the largest)")
 
-    def resample_option(p: argparse.ArgumentParser, what: str) -> None:
-        p.add_argument("--resample-labels", action="store_true",
-                       help=f"resample {what} onto the other grid (nearest neighbour) instead of refusing it")
+def _cmattn_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cmattn", default="reference", choices=("reference", "paper"),
+                   help="CMAttn variant: reference = the authors' code (default), paper = as the paper describes it")
 
-    def uncertainty_signal_option(p: argparse.ArgumentParser, flag: str) -> None:
-        from ..inference.uncertainty import DEFAULT_SIGNAL, SIGNALS
 
-        p.add_argument(flag, default=DEFAULT_SIGNAL, choices=SIGNALS,
-                       help="disagreement of the two decoding stages, entropy of their mean probabilities, or "
-                       f"combined (default: {DEFAULT_SIGNAL}; docs/model.md compares them)")
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", default="bar", choices=("bar", "json"),
+                   help="bar: a progress bar on stderr (default); json: one JSON object per line on stdout "
+                   "(event, phase, fraction, message; epoch, loss, val_dice when training), for programs")
 
-    def device_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", choices=DEVICES,
-                       help="where to compute; auto: a CUDA GPU, then Apple MPS, then the CPU (default: auto)")
 
+def _series_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--series", metavar="UID",
+                   help="the DICOM series to read when the volume folder holds several (default: the largest)")
+
+
+def _resample_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resample-labels", action="store_true",
+                   help=f"resample {what} onto the other grid (nearest neighbour) instead of refusing it")
+
+
+def _uncertainty_signal_option(p: argparse.ArgumentParser, flag: str) -> None:
+    from ..inference.uncertainty import DEFAULT_SIGNAL, SIGNALS
+
+    p.add_argument(flag, default=DEFAULT_SIGNAL, choices=SIGNALS,
+                   help="disagreement of the two decoding stages, entropy of their mean probabilities, or "
+                   f"combined (default: {DEFAULT_SIGNAL}; docs/model.md compares them)")
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to compute; auto: a CUDA GPU, then Apple MPS, then the CPU (default: auto)")
+
+
+def _precision_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help=help + EMULATED_PRECISION_NOTE)
+
+
+# One function per command, in the order of `hsam --help`.
+
+def _add_segment(commands) -> None:
     p = commands.add_parser(
         "segment", help="segment a volume with a fine-tuned model",
         description="Segment every slice of VOLUME with an HSAM model bundle and write a Slicer segmentation "
@@ -71,13 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume", help="image volume (NRRD, NIfTI, MHA, or a DICOM series folder)")
     p.add_argument("-m", "--model", required=True, help="model bundle (.hsam) made by `hsam finetune`")
     p.add_argument("-o", "--output", required=True, help="output .seg.nrrd, .nrrd, .nii.gz, .nii or .mha")
-    series_option(p)
-    device_option(p)
+    _series_option(p)
+    _device_option(p)
     p.add_argument("--batch-size", type=_positive(int), default=4,
                    help="slices per forward pass; halved automatically when memory runs out (default: 4)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision; auto: bf16 on CPUs with native bf16 (AVX512-BF16, AMX), bf16/fp16 on CUDA, "
-                   "else fp32" + EMULATED_PRECISION_NOTE)
+    _precision_option(p, "autocast precision; auto: bf16 on CPUs with native bf16 (AVX512-BF16, AMX), bf16/fp16 on "
+                      "CUDA, else fp32")
     p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST",
                    help="segment only these slices along the model's slice axis, both included; the rest stay background")
     p.add_argument("--largest-component", action="store_true",
@@ -88,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", metavar="FILE",
                    help="also write the model's per-voxel uncertainty (0–1, float) on the volume's grid (.nrrd, "
                    ".nii.gz, .nii, .mha) and its per-slice scores in a CSV beside it (FILE with .csv)")
-    uncertainty_signal_option(p, "--uncertainty-signal")
+    _uncertainty_signal_option(p, "--uncertainty-signal")
     p.add_argument("--annotations", metavar="LABELS",
                    help="guided models: this volume's annotated slices (.seg.nrrd or labelmap on its grid, segments "
                    "named as the model's classes); they are propagated into the prior the model corrects, and kept "
@@ -96,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-checkpoint", metavar="PATH",
                    help="official SAM weights the model was fine-tuned from (default: the download cache)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    progress_option(p)
+    _progress_option(p)
     p.set_defaults(run=_segment)
 
+
+def _add_propagate(commands) -> None:
     p = commands.add_parser(
         "propagate", help="carry annotated slices through a volume along the optical flow, no model",
         description="The annotated slices of ANNOTATIONS carried slice by slice through VOLUME along the dense "
@@ -115,12 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("ct", "mr"),
                    help="intensities the flow sees: ct = a −200…300 HU window, mr = the 1st–99th percentiles "
                    "(default: ct when the volume holds air in Hounsfield units, else mr)")
-    series_option(p)
-    resample_option(p, "annotations on another voxel grid than the volume's")
+    _series_option(p)
+    _resample_option(p, "annotations on another voxel grid than the volume's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    progress_option(p)
+    _progress_option(p)
     p.set_defaults(run=_propagate)
 
+
+def _add_suggest(commands) -> None:
     p = commands.add_parser(
         "suggest", help="which slices to annotate next",
         description="Print the N slices of VOLUME to annotate next, most useful first: a comma-separated line on "
@@ -144,19 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-distance", type=int, metavar="SLICES",
                    help="with -m, keep suggestions at least this many slices from each other and from annotated "
                    "slices while possible (default: half the spacing of evenly spread annotations)")
-    uncertainty_signal_option(p, "--signal")
+    _uncertainty_signal_option(p, "--signal")
     p.add_argument("--slices", type=_slice_range, metavar="FIRST:LAST", help="with -m, consider only these slices")
     p.add_argument("--csv", metavar="FILE", help="also write rank, axis, slice (the gap) and score as CSV")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (axis, ranking, annotated, suggestions: rank, slice, gap, score) "
                    "instead of lines for people")
-    device_option(p)
+    _device_option(p)
     p.add_argument("--batch-size", type=_positive(int), default=4, help="slices per forward pass (default: 4)")
     p.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM weights of the model (default: the cache)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file")
-    progress_option(p)
+    _progress_option(p)
     p.set_defaults(run=_suggest)
 
+
+def _add_finetune(commands) -> None:
     p = commands.add_parser(
         "finetune", help="fine-tune H-SAM on the annotated slices of one or more volumes",
         description="Fine-tune H-SAM on the slices of each VOLUME that its LABELMAP annotates (or those given "
@@ -174,8 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out the last N volumes whole for validation (default: ~15%% of each volume's "
                    "slices when it has 6 or more)")
     p.add_argument("-o", "--output", required=True, help="model bundle to write (.hsam)")
-    series_option(p)
-    resample_option(p, "a labelmap on another voxel grid than the volume's")
+    _series_option(p)
+    _resample_option(p, "a labelmap on another voxel grid than the volume's")
+    _finetune_model_options(p)
+    _finetune_training_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    _progress_option(p)
+    p.set_defaults(run=_finetune)
+
+
+def _finetune_model_options(p: argparse.ArgumentParser) -> None:
+    """The network, its weights, the training slices and how they are read."""
     p.add_argument("--preset", choices=("tiny", "vit_b", "vit_l", "vit_h"),
                    help="network size: tiny (trains from scratch, CPU-friendly) or a SAM ViT (needs "
                    "--sam-checkpoint or downloaded weights); default: tiny, or the base model's")
@@ -196,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intensity normalisation: ct = abdominal window, mr = percentiles (default: percentiles)")
     p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"),
                    help="slicing direction (default: axial)")
-    device_option(p)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision of the training steps; auto: bf16 (or fp16) on CUDA, else fp32"
-                   + EMULATED_PRECISION_NOTE)
+
+
+def _finetune_training_options(p: argparse.ArgumentParser) -> None:
+    """Where and how the training runs: device, precision, guided mode, previews, early stop."""
+    _device_option(p)
+    _precision_option(p, "autocast precision of the training steps; auto: bf16 (or fp16) on CUDA, else fp32")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing of the image encoder: less memory, more time "
                    "(default: on for vit_* on CUDA)")
@@ -222,12 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-file", metavar="FILE",
                    help="end training early, as when the time budget is spent, once FILE exists (checked before "
                    "each step; the model is saved)")
-    seed_option(p)
-    cmattn_option(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
-    progress_option(p)
-    p.set_defaults(run=_finetune)
+    _seed_option(p)
+    _cmattn_option(p)
 
+
+def _add_evaluate(commands) -> None:
     p = commands.add_parser(
         "evaluate", help="Dice and HD95 of a segmentation against a reference",
         description="Per-case and per-class Dice and 95th-percentile Hausdorff distance (mm) of each PREDICTION "
@@ -241,10 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the manifest")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.add_argument("--csv", metavar="FILE", help="also write the scores as CSV")
-    resample_option(p, "a prediction on another voxel grid than the reference's")
+    _resample_option(p, "a prediction on another voxel grid than the reference's")
     p.add_argument("--overwrite", action="store_true", help="replace existing score files")
     p.set_defaults(run=_evaluate)
 
+
+def _add_info(commands) -> None:
     p = commands.add_parser(
         "info", help="describe a model bundle or check SAM weights",
         description="Print a model bundle's preset, classes (label values, colours), parameter counts and "
@@ -253,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model bundle (.hsam) or SAM checkpoint (.pth)")
     p.set_defaults(run=_info)
 
+
+def _add_download(commands) -> None:
     p = commands.add_parser(
         "download", help="download official SAM weights",
         description="Download SAM weights from dl.fbaipublicfiles.com into the cache (resumable, sha256-checked) "
@@ -260,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", choices=("vit_b", "vit_l", "vit_h"), help="vit_b (375 MB), vit_l (1.2 GB) or vit_h (2.6 GB)")
     p.add_argument("--cache-dir", metavar="DIR", help="download into this folder instead")
-    progress_option(p)
+    _progress_option(p)
     p.set_defaults(run=_download)
 
+
+def _add_devices(commands) -> None:
     p = commands.add_parser(
         "devices", help="list the GPUs and the CPU PyTorch can use",
         description="Describe what PyTorch can compute on: CUDA GPUs (name, memory, bfloat16), Apple MPS, the CPU, "
@@ -271,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines for people")
     p.set_defaults(run=_devices)
 
+
+def _add_demo(commands) -> None:
     p = commands.add_parser(
         "demo", help="fine-tune on a brain template and segment it",
         description="Fine-tune on every 10th slice of the MNI152 brain template's grey/white matter labels, "
@@ -284,8 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training time limit (default on a CPU: 240 s)")
     p.add_argument("--img-size", type=int, choices=(224, 256, 512, 1024),
                    help="network input size (default: 256 for tiny, 512 for vit_b)")
-    cmattn_option(p)
-    seed_option(p)
-    device_option(p)
+    _cmattn_option(p)
+    _seed_option(p)
+    _device_option(p)
     p.set_defaults(run=_demo)
-    return parser

@@ -20,9 +20,28 @@ if TYPE_CHECKING:
 
 
 def _finetune(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    cases = _read_training_cases(args, output)  # every check that needs no torch, before it is loaded
+    from ..runtime.devices import select_device
+    from ..training.config import training_precision
+    from ..training.distributed import is_main_process
+
+    training_precision(args.precision, select_device(args.device))  # refuse an emulated precision before training
+    config = _finetune_config(args)
+    main_process = is_main_process()
+    if args.atlas and args.guided is None:
+        raise InputError("--atlas keeps the training volumes for a guided model's prior: add --guided")
+    with Outputs(args.overwrite) as outputs, _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
+        result = _train_and_save(args, cases, config, output, outputs, bar, main_process)
+    if main_process:
+        _print_finetune_summary(result, output, bar)
+
+
+def _read_training_cases(args: argparse.Namespace, output: Path) -> list:
+    """Checks the output, the inputs and the SAM checkpoint or base model, then reads every training volume
+    and its labels (``TrainingCase``s)."""
     from ..training.cohort import cases_from_arguments
 
-    output = Path(args.output)
     _check_output(output, args.overwrite, (".hsam",), "model file")
     listed = cases_from_arguments(args.inputs, args.manifest, ("image", "labels"))
     if args.preview is not None:
@@ -52,20 +71,19 @@ def _finetune(args: argparse.Namespace) -> None:
         volume = read_volume(case.first, series=args.series)
         labels, segments = read_labelmap(case.second, reference=volume, resample=args.resample_labels)
         cases.append(TrainingCase(volume, labels, segments, case.slices, case.name))
+    return cases
 
-    from ..models.bundle import save_bundle
-    from ..runtime.devices import select_device
-    from ..training.config import FinetuneConfig, training_precision
-    from ..training.distributed import is_main_process
-    from ..training.finetune import finetune_cohort
+
+def _finetune_config(args: argparse.Namespace):
+    """The ``FinetuneConfig`` of the command's options."""
+    from ..training.config import FinetuneConfig
     from ..volumes.preprocess import IntensityPreprocessing
 
-    training_precision(args.precision, select_device(args.device))  # refuse an emulated precision before training
     preprocessing = None
     if args.modality is not None:
         preprocessing = IntensityPreprocessing(mode="ct" if args.modality == "ct" else "percentile")
-    config = FinetuneConfig(
-        preset=preset,
+    return FinetuneConfig(
+        preset=args.preset or "tiny",
         sam_checkpoint=args.sam_checkpoint,
         base_bundle=args.base_model,
         img_size=args.img_size,
@@ -87,38 +105,45 @@ def _finetune(args: argparse.Namespace) -> None:
         atlas=args.atlas,
         stop=(lambda: Path(args.stop_file).exists()) if args.stop_file is not None else None,
     )
-    main_process = is_main_process()
-    if args.atlas and args.guided is None:
-        raise InputError("--atlas keeps the training volumes for a guided model's prior: add --guided")
-    with Outputs(args.overwrite) as outputs, _progress(args, "fine-tuning", "train", enabled=main_process) as bar:
-        if main_process:
-            outputs.claim([output])
-        preview = _PreviewWriter(Path(args.preview), cases[0], args.preview_interval, bar) if args.preview else None
 
-        def on_step(p) -> None:
-            dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
-            bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}",
-                epoch=p.epoch, step=p.step, loss=p.loss, val_dice=p.val_dice)
 
-        volumes = cases[0].name if len(cases) == 1 else f"{len(cases)} volumes"
-        bar.start("train", f"fine-tuning {config.preset} on {volumes}")
-        result = finetune_cohort(cases, config, progress=on_step, preview=preview)
-        if main_process:
-            bar.start("save", f"saving {output.name}")
-            save_bundle(output, result.model, result.metadata, outputs=outputs, atlases=result.atlases)
-            outputs.publish()
+def _train_and_save(args: argparse.Namespace, cases: list, config, output: Path, outputs: Outputs, bar,
+                    main_process: bool):
+    """Fine-tunes on ``cases`` with progress (and previews) on ``bar``; the main process saves the bundle."""
+    from ..models.bundle import save_bundle
+    from ..training.finetune import finetune_cohort
+
     if main_process:
-        training = result.metadata.training
-        summary = f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s"
-        choice = (result.metadata.guidance or {}).get("choice")
-        if choice:
-            summary += "; kept " + ", ".join(f"{n}: {c}" for n, c in zip(result.metadata.class_names, choice))
-        if result.atlases:
-            summary += f"; atlas of {len(result.atlases)} volumes ({output.stat().st_size / 2**20:.1f} MB model file)"
-        if isinstance(bar, JsonProgress):
-            bar.result(summary, output=output)
-        else:
-            print(f"{summary}; saved {output}")
+        outputs.claim([output])
+    preview = _PreviewWriter(Path(args.preview), cases[0], args.preview_interval, bar) if args.preview else None
+
+    def on_step(p) -> None:
+        dice = f", val Dice {p.val_dice:.3f}" if p.val_dice is not None else ""
+        bar(p.fraction, f"epoch {p.epoch}, loss {p.loss:.4f}{dice}",
+            epoch=p.epoch, step=p.step, loss=p.loss, val_dice=p.val_dice)
+
+    volumes = cases[0].name if len(cases) == 1 else f"{len(cases)} volumes"
+    bar.start("train", f"fine-tuning {config.preset} on {volumes}")
+    result = finetune_cohort(cases, config, progress=on_step, preview=preview)
+    if main_process:
+        bar.start("save", f"saving {output.name}")
+        save_bundle(output, result.model, result.metadata, outputs=outputs, atlases=result.atlases)
+        outputs.publish()
+    return result
+
+
+def _print_finetune_summary(result, output: Path, bar) -> None:
+    training = result.metadata.training
+    summary = f"{training.get('epochs')} epochs, {training.get('steps')} steps in {training.get('seconds')} s"
+    choice = (result.metadata.guidance or {}).get("choice")
+    if choice:
+        summary += "; kept " + ", ".join(f"{n}: {c}" for n, c in zip(result.metadata.class_names, choice))
+    if result.atlases:
+        summary += f"; atlas of {len(result.atlases)} volumes ({output.stat().st_size / 2**20:.1f} MB model file)"
+    if isinstance(bar, JsonProgress):
+        bar.result(summary, output=output)
+    else:
+        print(f"{summary}; saved {output}")
 
 
 class _PreviewWriter:
