@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..runtime.errors import Cancelled, InputError
-from .flow import FlowPropagation, flow_images, modality_of, one_hot
+from .flow import FlowPropagation, flow_images, modality_of
 from .kinds import REGISTRATION_MODES
 
 ATLAS_SPACING = 3.0  # mm: the grid atlases are kept and registered on
